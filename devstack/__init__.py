@@ -1,0 +1,1 @@
+"""Running Janna's backing stores on one machine, from PyPI packages alone."""

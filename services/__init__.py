@@ -1,0 +1,1 @@
+"""Janna's services: five gRPC processes and the code they share."""

@@ -1,0 +1,1 @@
+"""The auth service: who is calling, and may they."""

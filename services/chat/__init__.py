@@ -1,0 +1,1 @@
+"""The chat service: conversations and the streamed turn."""

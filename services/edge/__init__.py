@@ -1,0 +1,1 @@
+"""The edge: Envoy's configuration, generated from the protos and settings."""

@@ -1,0 +1,1 @@
+"""The ingest service: attachments, object storage and the queue."""

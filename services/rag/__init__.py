@@ -1,0 +1,1 @@
+"""The retrieval service: search over the caller's own documents."""

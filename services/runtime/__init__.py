@@ -1,0 +1,1 @@
+"""What every Janna service shares: start-up, config, logging, clients, identity."""

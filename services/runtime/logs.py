@@ -1,0 +1,72 @@
+"""One log format for every service: short lines in development, JSON in production."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+from services.runtime.config import Env
+
+logger = logging.getLogger(__name__)
+
+_STANDARD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
+) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, with the fields passed through ``extra=``."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "service": self._service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(service: str, env: Env) -> None:
+    """Installs the process's one handler; called only from a ``main``.
+
+    ``JANNA_LOG_FORMAT`` is ``json`` or ``text`` (the default) and
+    ``JANNA_LOG_LEVEL`` a level name (default INFO).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if env.text("JANNA_LOG_FORMAT", "text").lower() == "json":
+        handler.setFormatter(JsonFormatter(service))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s %(levelname).1s {service} %(name)s: %(message)s",
+                datefmt="%H:%M:%S",
+            )
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(env.text("JANNA_LOG_LEVEL", "INFO").upper())
+    # Client libraries log request bodies and headers at debug level.
+    for noisy in (
+        "botocore",
+        "aiobotocore",
+        "httpx",
+        "httpcore",
+        "openai",
+        "anthropic",
+    ):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,82 @@
+"""The mesh health check that every service serves (``GET /health`` at the edge).
+
+The edge sends ``/health`` to any live service; that service asks every peer's
+``grpc.health.v1.Health`` and reports each one's state, answering UNAVAILABLE,
+with the report in the status details, when any of them is not serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.proto.janna.v1 import mesh_pb2, mesh_pb2_grpc
+from services.runtime import channels, errors
+from services.runtime.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+PEER_TIMEOUT_S = 1.0
+
+
+class MeshHealthServicer(mesh_pb2_grpc.MeshHealthServicer):
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, peer: str) -> grpc.aio.Channel:
+        channel = self._channels.get(peer)
+        if channel is None:
+            channel = channels.connect(self._config.peers[peer])
+            self._channels[peer] = channel
+        return channel
+
+    async def _state(self, peer: str) -> str:
+        if peer == self._config.name:
+            return "SERVING"
+        stub = health_pb2_grpc.HealthStub(self._channel(peer))
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(),
+                timeout=PEER_TIMEOUT_S,
+                # A peer that just restarted is still being reconnected to.
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            logger.debug("peer %s health check failed: %s", peer, exc.code())
+            return "UNREACHABLE"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    async def Check(
+        self,
+        request: mesh_pb2.MeshHealthRequest,
+        context: grpc.aio.ServicerContext[
+            mesh_pb2.MeshHealthRequest, mesh_pb2.MeshHealthReport
+        ],
+    ) -> mesh_pb2.MeshHealthReport:
+        peers = list(self._config.peers)
+        states = await asyncio.gather(*(self._state(p) for p in peers))
+        report = mesh_pb2.MeshHealthReport(
+            services=[
+                mesh_pb2.ServiceState(service=p, state=s)
+                for p, s in zip(peers, states, strict=True)
+            ],
+            down=[p for p, s in zip(peers, states, strict=True) if s != "SERVING"],
+        )
+        if report.down:
+            report.status = "degraded"
+            await errors.abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"unavailable: {', '.join(report.down)}",
+                "SERVICE_DOWN",
+                report,
+            )
+        report.status = "ok"
+        return report
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels.values()))

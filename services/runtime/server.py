@@ -1,0 +1,188 @@
+"""Start-up and shutdown of a service's gRPC server, the same for every service.
+
+Each service builds its servicers and hands them to :func:`serve`, which adds
+what every service has: ``grpc.health.v1.Health``, server reflection, the
+mesh health check, one access-log line per RPC, and an orderly shutdown on
+SIGTERM (stop accepting, let in-flight calls finish within the grace period,
+close pools, exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.proto.janna.v1 import mesh_pb2, mesh_pb2_grpc
+from services.runtime import logs
+from services.runtime.config import ConfigError, Env, ServerConfig
+from services.runtime.db import SchemaError
+from services.runtime.meshhealth import MeshHealthServicer
+
+logger = logging.getLogger(__name__)
+
+_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class Servicer:
+    """One implemented gRPC service and the generated function that adds it."""
+
+    descriptor: ServiceDescriptor
+    impl: object
+    add: Callable[[Any, grpc.aio.Server], None]
+
+
+Setup = Callable[[AsyncExitStack], Awaitable[Sequence[Servicer]]]
+"""Builds a service's servicers; pushes what must be closed onto the stack."""
+
+
+class AccessLog(grpc.aio.ServerInterceptor):
+    """One line when each RPC ends: method, status, milliseconds, request id."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(_QUIET_PREFIXES):
+            return handler
+        request_id = dict(details.invocation_metadata or ()).get("x-request-id", "-")
+
+        def finish(
+            context: grpc.aio.ServicerContext[Any, Any], started: float, status: str
+        ) -> None:
+            logger.info(
+                "rpc %s %s %.1fms request_id=%s",
+                method,
+                status,
+                (time.perf_counter() - started) * 1000,
+                request_id,
+            )
+
+        def status_of(
+            context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None
+        ) -> str:
+            code = context.code()
+            if code is not None and code != grpc.StatusCode.OK:
+                return str(code.name if isinstance(code, grpc.StatusCode) else code)
+            if isinstance(exc, asyncio.CancelledError):
+                return "CANCELLED"
+            if exc is not None:
+                return "UNKNOWN"
+            return "OK"
+
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                started = time.perf_counter()
+                try:
+                    reply = await inner_unary(request, context)
+                except BaseException as exc:
+                    finish(context, started, status_of(context, exc))
+                    raise
+                finish(context, started, status_of(context, None))
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except BaseException as exc:
+                    finish(context, started, status_of(context, exc))
+                    raise
+                finish(context, started, status_of(context, None))
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def serve(config: ServerConfig, setup: Setup) -> None:
+    """Runs the service until SIGTERM or SIGINT, then shuts it down in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with AsyncExitStack() as resources:
+        servicers = await setup(resources)
+        server = grpc.aio.server(interceptors=[AccessLog()])
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        mesh = MeshHealthServicer(config)
+        resources.push_async_callback(mesh.close)
+        mesh_pb2_grpc.add_MeshHealthServicer_to_server(mesh, server)
+
+        names = [mesh_pb2.DESCRIPTOR.services_by_name["MeshHealth"].full_name]
+        for servicer in servicers:
+            servicer.add(servicer.impl, server)
+            names.append(servicer.descriptor.full_name)
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+
+        address = f"{config.host}:{config.port}"
+        if server.add_insecure_port(address) == 0:
+            raise OSError(f"{config.name}: cannot listen on {address}")
+        await server.start()
+        for name in ("", *names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("%s listening on %s", config.name, address)
+
+        await stop.wait()
+        logger.info(
+            "%s stopping; in-flight calls have %.0fs", config.name, config.grace_s
+        )
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.grace_s)
+    logger.info("%s stopped", config.name)
+
+
+def main(name: str, build: Callable[[Env], tuple[ServerConfig, Setup]]) -> int:
+    """The body of a service's ``main``: configure, serve, exit 0.
+
+    A configuration, schema or port problem at start-up ends the process with
+    status 1 and one clear line instead of a traceback.
+    """
+    env = Env()
+    logs.configure(name, env)
+    try:
+        config, setup = build(env)
+        asyncio.run(serve(config, setup))
+    except (ConfigError, SchemaError, OSError) as exc:
+        logger.error("%s cannot start: %s", name, exc)
+        return 1
+    return 0
