@@ -70,8 +70,6 @@ _STOP_SIGNALS = {
     "aws": signal.SIGTERM,
 }
 
-# moto keeps everything in memory; these services are snapshotted to disk.
-_PERSISTED_AWS_SERVICES = ("s3", "sqs")
 _SNAPSHOT_EVERY_S = 2.0
 _SNAPSHOT_DRAIN_S = 2.0
 _SNAPSHOT_FORMAT = 1
@@ -86,7 +84,7 @@ class InfraSettings:
     """Where the stores keep their data and which ports they listen on."""
 
     data_dir: Path
-    """Everything lives below it: postgres/, valkey/, aws/, logs/."""
+    """Everything lives below it: postgres/, valkey/, aws/, logs/, children.json."""
     postgres_port: int = 0
     """0 picks a free port, here and for the other ports."""
     redis_port: int = 0
@@ -113,6 +111,8 @@ class InfraAddresses:
             "REDIS_URL": self.redis_url,
             "AWS_ENDPOINT_URL": self.aws_endpoint_url,
             "AWS_REGION": self.aws_region,
+            # botocore reads the region from AWS_DEFAULT_REGION only.
+            "AWS_DEFAULT_REGION": self.aws_region,
             "AWS_ACCESS_KEY_ID": _AWS_ACCESS_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": _AWS_SECRET_ACCESS_KEY,
             "S3_BUCKET": self.s3_bucket,
@@ -164,7 +164,7 @@ class Infra:
         if self._children:
             raise InfraError("the stack is already running; stop() it first")
         began = time.monotonic()
-        for name in ("postgres", "valkey", "aws", "logs"):
+        for name in ("valkey", "aws", "logs"):
             (self._root / name).mkdir(parents=True, exist_ok=True)
         self._stop_leftovers()
         settings = self._settings
@@ -188,9 +188,15 @@ class Infra:
                 self._wait_until("valkey", lambda: _valkey_answers(redis_port))
                 self._wait_until("aws", lambda: _port_open(aws_port))
                 with clients.result() as aws:
-                    queue_url, dlq_url = aws.ensure_resources(
-                        settings.sqs_visibility_timeout_s
-                    )
+                    try:
+                        queue_url, dlq_url = aws.ensure_resources(
+                            settings.sqs_visibility_timeout_s
+                        )
+                    except Exception as exc:
+                        raise InfraError(
+                            f"creating the bucket and queues in moto failed: {exc}; "
+                            f"{_log_excerpt(self._log_path('aws'))}"
+                        ) from exc
         except InfraError:
             self.stop()
             raise
@@ -393,12 +399,16 @@ class Infra:
                 str(self._root / "aws"),
             ],
             env=env,
+            # `-m` puts the working directory first on sys.path; here it
+            # holds nothing that could shadow devstack.
+            cwd=self._root / "aws",
         )
 
     def _spawn_postgres(self, port: int) -> None:
         install = _pg_install_dir()
         data = self._root / "postgres"
         account: dict[str, Any] = {}
+        data.mkdir(mode=0o700, exist_ok=True)
         if os.geteuid() == 0:
             uid, gid = _prepare_pg_account(install, self._root, data)
             # Drop root's supplementary groups too, not just uid and gid.
@@ -660,7 +670,6 @@ def _prepare_pg_account(install: Path, root: Path, data: Path) -> tuple[int, int
         if path.exists():
             _grant_traversal(path)
 
-    data.mkdir(mode=0o700, exist_ok=True)
     if data.stat().st_uid != uid:
         logger.info("handing %s to the %s account", data, _PG_SYSTEM_USER)
         for dirpath, _, filenames in os.walk(data):
@@ -913,13 +922,15 @@ def _error_code(exc: Any) -> str:
 # request, reads included, to a log that only grows and replays it over HTTP
 # at start. Replay does not reproduce SQS: receipt handles and message ids are
 # random, so replayed DeleteMessage calls miss and consumed messages come
-# back. Instead the child pickles moto's own backend objects for S3 and SQS
-# (S3 keys implement __getstate__ for exactly this; locks are recreated) and
-# loads them before it listens. Snapshots are written atomically: when a
-# service changed (every _SNAPSHOT_EVERY_S) and at SIGTERM/SIGINT, with new
-# requests held back and running ones drained first. A SIGKILL loses at most
-# the last interval. Each snapshot rewrites the service's whole state, which
-# is fine for a developer's data but not for gigabytes of objects.
+# back. Instead the child pickles moto's own backend objects for S3 and SQS,
+# with the indexes their BackendDicts keep, and loads them before it listens:
+# every bucket, object version, tag, pending multipart upload, queue, message,
+# receive count and visibility deadline comes back as it was (S3 keys are
+# picklable by design; locks are made afresh). A snapshot is written
+# atomically when a service changed (checked every _SNAPSHOT_EVERY_S) and at
+# SIGTERM/SIGINT, with new requests held back and running ones drained first.
+# A SIGKILL loses at most the last interval. Each snapshot rewrites the
+# service's whole state: fine for a developer's data, not for gigabytes.
 
 _CREDENTIAL_SCOPE = re.compile(
     r"Credential=[^/&,\s]+/\d{8}/[^/&,\s]+/([a-z0-9-]+)/aws4_request"
@@ -1036,6 +1047,7 @@ class _MotoSnapshots:
     def __init__(self, state_dir: Path) -> None:
         self._dir = state_dir
         self._backends = _persisted_backends()
+        self._failing: set[str] = set()
 
     def _path(self, service: str) -> Path:
         return self._dir / f"{service}.pickle"
@@ -1051,6 +1063,8 @@ class _MotoSnapshots:
             try:
                 with path.open("rb") as file:
                     header = pickle.load(file)
+                    if header.get("format") != _SNAPSHOT_FORMAT:
+                        raise ValueError(f"unknown format {header.get('format')}")
                     state: dict[str, Any] = pickle.load(file)
             except Exception as exc:
                 raise SystemExit(
@@ -1115,6 +1129,13 @@ class _MotoSnapshots:
                 _StatePickler(buffer).dump(state)
             except RuntimeError:
                 continue
+            except Exception:
+                # Serving on matters more than the snapshot; say so once.
+                if service not in self._failing:
+                    logger.exception("cannot snapshot %s; it is not persisted", service)
+                self._failing.add(service)
+                return None
+            self._failing.discard(service)
             return buffer.getvalue()
         logger.error("could not snapshot %s; will retry", service)
         return None
