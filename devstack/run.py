@@ -43,6 +43,11 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _usual_or_any(port: int) -> int:
+    """``port`` when it is free, else 0 (any free port)."""
+    return port if _port_free(port) else 0
+
+
 def _banner(stack: Stack) -> str:
     url = stack.edge_url.replace("127.0.0.1", "localhost")
     return f"""
@@ -79,9 +84,14 @@ def main() -> int:
     lock.write(str(os.getpid()))
     lock.flush()
 
+    # The stores take their usual ports when they are free, so that the
+    # runbook's `redis-cli` and `psql` lines work without flags.
     settings = StackSettings(
         root=DATA_ROOT,
         env={k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
+        postgres_port=_usual_or_any(5432),
+        redis_port=_usual_or_any(6379),
+        aws_port=_usual_or_any(4566),
     )
     busy = [
         port
