@@ -4,7 +4,8 @@
 ports. It starts the embedded Postgres, Valkey and S3/SQS endpoint
 (:mod:`devstack.infra`), applies migrations once, starts each service as its
 own process (``python -m services.NAME``) with every address in its
-environment, writes and starts Envoy's config, and waits until the edge's
+environment, then the ingest worker (``python -m services.ingest.worker``,
+one process by default), writes and starts Envoy's config, and waits until the edge's
 ``/health`` answers 200. :meth:`Stack.stop` stops everything it started, in
 the reverse order, and leaves no process behind.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from devstack.infra import Infra, InfraAddresses, InfraSettings, free_port
 from services.edge.config import EdgeSettings, Upstream, render
-from services.runtime.config import DEFAULT_PORTS, SERVICE_NAMES
+from services.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, SERVICE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class StackSettings:
     sqs_visibility_timeout_s: int = 60
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment for every service (it wins over the defaults)."""
+    ingest_workers: int = 1
+    """How many ingest worker processes to start; each polls the queue."""
     start_timeout_s: float = 60.0
 
     @property
@@ -79,9 +82,17 @@ class Stack:
         self.ports = {
             name: port or free_port() for name, port in settings.service_ports.items()
         }
+        # Services on their usual ports get their usual metrics ports too.
+        self.metrics_ports = {
+            name: DEFAULT_METRICS_PORTS[name]
+            if port == DEFAULT_PORTS.get(name)
+            else free_port()
+            for name, port in settings.service_ports.items()
+        }
         self.edge_port = settings.edge_port or free_port()
         self.edge_admin_port = settings.edge_admin_port or free_port()
         self.services: dict[str, subprocess.Popen[bytes]] = {}
+        self.workers: list[subprocess.Popen[bytes]] = []
         self.envoy: subprocess.Popen[bytes] | None = None
 
     @property
@@ -111,6 +122,7 @@ class Stack:
         for name, port in self.ports.items():
             env[f"JANNA_{name.upper()}_PORT"] = str(port)
             env[f"JANNA_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+            env[f"JANNA_{name.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
         env.update(self.settings.env)
         return env
 
@@ -122,6 +134,8 @@ class Stack:
             self._migrate()
             for name in SERVICE_NAMES:
                 self.start_service(name)
+            for index in range(self.settings.ingest_workers):
+                self.start_worker(index)
             self._start_envoy()
             self.wait_healthy()
         except BaseException:
@@ -155,18 +169,34 @@ class Stack:
         self.services[name] = process
         return process
 
+    def start_worker(self, index: int = 0) -> subprocess.Popen[bytes]:
+        """Starts (or restarts) ingest worker ``index``."""
+        log = open(self.settings.logs / f"ingest-worker-{index}.log", "ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.ingest.worker"],
+            env=self.service_env(),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if index < len(self.workers):
+            self.workers[index] = process
+        else:
+            self.workers.append(process)
+        return process
+
+    def stop_worker(
+        self, index: int = 0, sig: int = signal.SIGTERM, timeout: float = 15.0
+    ) -> int:
+        """Stops ingest worker ``index``; returns its exit status."""
+        return _stop(self.workers[index], sig, timeout)
+
     def stop_service(
         self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0
     ) -> int:
         """Stops one service; returns its exit status."""
-        process = self.services[name]
-        if process.poll() is None:
-            process.send_signal(sig)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        return _stop(self.services[name], sig, timeout)
 
     def edge_settings(self) -> EdgeSettings:
         return EdgeSettings(
@@ -221,7 +251,12 @@ class Stack:
         raise StackError(f"/health did not answer 200 in time: {status} {body}")
 
     def _check_alive(self) -> None:
-        for name, process in [*self.services.items(), ("envoy", self.envoy)]:
+        workers = [(f"ingest-worker-{i}", p) for i, p in enumerate(self.workers)]
+        for name, process in [
+            *self.services.items(),
+            *workers,
+            ("envoy", self.envoy),
+        ]:
             if process is not None and process.poll() is not None:
                 log = self.settings.logs / f"{name}.log"
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
@@ -229,11 +264,15 @@ class Stack:
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         """Every process the stack started, backing stores included."""
-        own = [*self.services.values(), *([self.envoy] if self.envoy else [])]
+        own = [
+            *self.services.values(),
+            *self.workers,
+            *([self.envoy] if self.envoy else []),
+        ]
         return [*own, *self.infra.processes]
 
     def stop(self) -> None:
-        """Stops Envoy, then the services, then the backing stores."""
+        """Stops Envoy, then the services and workers, then the backing stores."""
         if self.envoy is not None and self.envoy.poll() is None:
             self.envoy.terminate()
             try:
@@ -241,11 +280,13 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.envoy.kill()
                 self.envoy.wait()
-        for process in self.services.values():
+        for process in [*self.services.values(), *self.workers]:
             if process.poll() is None:
                 process.terminate()
         for name in list(self.services):
             self.stop_service(name)
+        for index in range(len(self.workers)):
+            self.stop_worker(index)
         self.infra.stop()
 
     def __enter__(self) -> Stack:
@@ -254,3 +295,13 @@ class Stack:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def _stop(process: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()

@@ -84,11 +84,12 @@ def test_grpcurl_lists_describes_and_calls(stack: Stack) -> None:
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout) == {"status": "SERVING"}
 
-    pending = grpcurl(
+    anonymous = grpcurl(
         "-plaintext", "-d", "{}", target, "janna.v1.ChatService/ListConversations"
     )
-    assert pending.returncode != 0
-    assert "Unimplemented" in pending.stderr and "not available yet" in pending.stderr
+    assert anonymous.returncode != 0
+    assert "Unauthenticated" in anonymous.stderr
+    assert "authentication required" in anonymous.stderr
 
 
 def test_health_through_the_edge(stack: Stack) -> None:
@@ -134,6 +135,7 @@ async def test_sigterm_lets_an_inflight_call_finish(
         **service_env,
         "JANNA_RAG_PORT": str(port),
         "JANNA_RAG_ADDR": f"127.0.0.1:{port}",
+        "JANNA_RAG_METRICS_PORT": "0",
         "JANNA_GATEWAY_ADDR": f"127.0.0.1:{hole.getsockname()[1]}",
     }
     process = subprocess.Popen(

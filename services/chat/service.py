@@ -6,9 +6,20 @@ import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
-from services.proto.janna.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
-from services.runtime import db, kv
-from services.runtime.config import DatabaseConfig, Env, RedisConfig, ServerConfig
+from services.chat.config import ChatConfig
+from services.chat.ratelimit import ChatRateLimiter
+from services.chat.servicer import ChatServicer, RateLimitAdminServicer
+from services.chat.store import ConversationStore
+from services.proto.janna.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    chat_pb2,
+    chat_pb2_grpc,
+    gateway_pb2_grpc,
+    rag_pb2_grpc,
+)
+from services.runtime import channels, db, kv
+from services.runtime.config import Env, ServerConfig
 from services.runtime.pending import pending
 from services.runtime.server import Servicer, Setup
 from services.runtime.server import main as serve_main
@@ -21,24 +32,31 @@ METRICS_ADMIN = admin_pb2.DESCRIPTOR.services_by_name["MetricsAdmin"]
 
 
 def build(env: Env) -> tuple[ServerConfig, Setup]:
-    server = ServerConfig.from_env("chat", env)
-    database = DatabaseConfig.from_env(env)
-    redis_config = RedisConfig.from_env(env)
+    config = ChatConfig.from_env(env)
 
     async def setup(resources: AsyncExitStack) -> Sequence[Servicer]:
-        pool = await db.connect(database)
+        pool = await db.connect(config.database)
         resources.push_async_callback(pool.close)
-        redis = kv.connect(redis_config)
+        redis = kv.connect(config.redis)
         resources.push_async_callback(redis.aclose)
+        gateway = channels.connect(config.server.peers["gateway"])
+        resources.push_async_callback(gateway.close)
+        rag = channels.connect(config.server.peers["rag"])
+        resources.push_async_callback(rag.close)
+
+        limiter = ChatRateLimiter(redis, config.rate_limit_rpm, config.rate_window_s)
+        chat = ChatServicer(
+            config,
+            ConversationStore(pool),
+            limiter,
+            gateway_pb2_grpc.ModelGatewayStub(gateway),
+            rag_pb2_grpc.RetrievalServiceStub(rag),
+        )
         return [
-            Servicer(
-                CHAT,
-                pending(chat_pb2_grpc.ChatServiceServicer, CHAT),
-                chat_pb2_grpc.add_ChatServiceServicer_to_server,
-            ),
+            Servicer(CHAT, chat, chat_pb2_grpc.add_ChatServiceServicer_to_server),
             Servicer(
                 RATE_LIMIT_ADMIN,
-                pending(admin_pb2_grpc.RateLimitAdminServicer, RATE_LIMIT_ADMIN),
+                RateLimitAdminServicer(limiter),
                 admin_pb2_grpc.add_RateLimitAdminServicer_to_server,
             ),
             Servicer(
@@ -48,7 +66,7 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
             ),
         ]
 
-    return server, setup
+    return config.server, setup
 
 
 def main() -> int:

@@ -27,6 +27,9 @@ DEFAULT_PORTS = {
 }
 """Each service's default gRPC port; ``JANNA_{NAME}_PORT`` overrides it."""
 
+DEFAULT_METRICS_PORTS = {name: 9101 + index for index, name in enumerate(SERVICE_NAMES)}
+"""Each service's default Prometheus port; ``JANNA_{NAME}_METRICS_PORT``."""
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed."""
@@ -99,6 +102,10 @@ class ServerConfig:
     """``JANNA_SHUTDOWN_GRACE_S``: how long in-flight calls may finish on SIGTERM."""
     data_dir: Path
     """``JANNA_DATA_DIR``: where a service may keep files (default .janna/data)."""
+    metrics_host: str
+    """``JANNA_METRICS_HOST``: interface of the Prometheus endpoint (127.0.0.1)."""
+    metrics_port: int
+    """``JANNA_{NAME}_METRICS_PORT``: its port (9101…9105; 0 picks a free one)."""
 
     @classmethod
     def from_env(cls, name: str, env: Env) -> ServerConfig:
@@ -118,6 +125,10 @@ class ServerConfig:
             env=env.text("JANNA_ENV", "production"),
             grace_s=env.number("JANNA_SHUTDOWN_GRACE_S", 10.0),
             data_dir=Path(env.text("JANNA_DATA_DIR", ".janna/data")),
+            metrics_host=env.text("JANNA_METRICS_HOST", "127.0.0.1"),
+            metrics_port=env.integer(
+                f"JANNA_{name.upper()}_METRICS_PORT", DEFAULT_METRICS_PORTS[name]
+            ),
         )
 
 

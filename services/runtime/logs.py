@@ -5,15 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 from services.runtime.config import Env
 
 logger = logging.getLogger(__name__)
 
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+"""The id of the request being served (Envoy's ``x-request-id``), per task."""
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every record, so every line carries it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        record.request_id = request_id
+        record.rid = f" rid={request_id}" if request_id else ""
+        return True
+
+
 _STANDARD_ATTRS = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
-) | {"message", "asctime"}
+) | {"message", "asctime", "rid"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,7 +49,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+            if key not in _STANDARD_ATTRS and not key.startswith("_") and value != "":
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -53,10 +68,11 @@ def configure(service: str, env: Env) -> None:
     else:
         handler.setFormatter(
             logging.Formatter(
-                f"%(asctime)s %(levelname).1s {service} %(name)s: %(message)s",
+                f"%(asctime)s %(levelname).1s {service} %(name)s: %(message)s%(rid)s",
                 datefmt="%H:%M:%S",
             )
         )
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(env.text("JANNA_LOG_LEVEL", "INFO").upper())

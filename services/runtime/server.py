@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.proto.janna.v1 import mesh_pb2, mesh_pb2_grpc
-from services.runtime import logs
+from services.runtime import logs, metrics
 from services.runtime.config import ConfigError, Env, ServerConfig
 from services.runtime.db import SchemaError
 from services.runtime.meshhealth import MeshHealthServicer
@@ -47,8 +47,23 @@ Setup = Callable[[AsyncExitStack], Awaitable[Sequence[Servicer]]]
 """Builds a service's servicers; pushes what must be closed onto the stack."""
 
 
+def request_id_of(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The request's id: Envoy's ``x-request-id``, else a W3C trace id."""
+    values = dict(metadata or ())
+    request_id = values.get("x-request-id")
+    if isinstance(request_id, str) and request_id:
+        return request_id
+    traceparent = values.get("traceparent")
+    if isinstance(traceparent, str) and traceparent.count("-") == 3:
+        return traceparent.split("-")[1]
+    return ""
+
+
 class AccessLog(grpc.aio.ServerInterceptor):
-    """One line when each RPC ends: method, status, milliseconds, request id."""
+    """Per RPC: the request id for every log line, metrics, one closing line."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
 
     async def intercept_service(
         self,
@@ -61,18 +76,19 @@ class AccessLog(grpc.aio.ServerInterceptor):
         method: str = details.method
         if handler is None or method.startswith(_QUIET_PREFIXES):
             return handler
-        request_id = dict(details.invocation_metadata or ()).get("x-request-id", "-")
+        request_id = request_id_of(details.invocation_metadata)
+        service = self._service
 
-        def finish(
-            context: grpc.aio.ServicerContext[Any, Any], started: float, status: str
-        ) -> None:
-            logger.info(
-                "rpc %s %s %.1fms request_id=%s",
-                method,
-                status,
-                (time.perf_counter() - started) * 1000,
-                request_id,
-            )
+        def begin() -> float:
+            # Each RPC runs in its own task, so this binds the id to its lines.
+            logs.REQUEST_ID.set(request_id)
+            return time.perf_counter()
+
+        def finish(started: float, status: str) -> None:
+            elapsed = time.perf_counter() - started
+            metrics.RPC_REQUESTS.labels(service, method, status).inc()
+            metrics.RPC_DURATION.labels(service, method).observe(elapsed)
+            logger.info("rpc %s %s %.1fms", method, status, elapsed * 1000)
 
         def status_of(
             context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None
@@ -92,13 +108,13 @@ class AccessLog(grpc.aio.ServerInterceptor):
             async def unary(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> Any:
-                started = time.perf_counter()
+                started = begin()
                 try:
                     reply = await inner_unary(request, context)
                 except BaseException as exc:
-                    finish(context, started, status_of(context, exc))
+                    finish(started, status_of(context, exc))
                     raise
-                finish(context, started, status_of(context, None))
+                finish(started, status_of(context, None))
                 return reply
 
             return grpc.unary_unary_rpc_method_handler(
@@ -113,14 +129,14 @@ class AccessLog(grpc.aio.ServerInterceptor):
             async def stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                started = time.perf_counter()
+                started = begin()
                 try:
                     async for item in inner_stream(request, context):
                         yield item
                 except BaseException as exc:
-                    finish(context, started, status_of(context, exc))
+                    finish(started, status_of(context, exc))
                     raise
-                finish(context, started, status_of(context, None))
+                finish(started, status_of(context, None))
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -139,7 +155,7 @@ async def serve(config: ServerConfig, setup: Setup) -> None:
 
     async with AsyncExitStack() as resources:
         servicers = await setup(resources)
-        server = grpc.aio.server(interceptors=[AccessLog()])
+        server = grpc.aio.server(interceptors=[AccessLog(config.name)])
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         mesh = MeshHealthServicer(config)
@@ -158,9 +174,18 @@ async def serve(config: ServerConfig, setup: Setup) -> None:
         if server.add_insecure_port(address) == 0:
             raise OSError(f"{config.name}: cannot listen on {address}")
         await server.start()
+        exporter = metrics.MetricsServer(config.metrics_host, config.metrics_port)
+        metrics_port = exporter.start()
+        resources.callback(exporter.stop)
         for name in ("", *names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("%s listening on %s", config.name, address)
+        logger.info(
+            "%s listening on %s; metrics on %s:%s",
+            config.name,
+            address,
+            config.metrics_host,
+            metrics_port,
+        )
 
         await stop.wait()
         logger.info(
