@@ -10,10 +10,24 @@ import pytest
 
 from devstack.stack import Stack, StackSettings
 from services.runtime.config import SERVICE_NAMES
+from tests.fakes.openai_server import FakeOpenAI
+
+# Small enough that a test can overflow it with a few long turns.
+HISTORY_TOKENS = 300
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """The model provider the stack's gateway talks to (the one allowed fake)."""
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, fake_openai: FakeOpenAI
+) -> Iterator[Stack]:
     """Every process of the product, on free ports, in a fresh data folder."""
     root: Path = tmp_path_factory.mktemp("janna")
     settings = StackSettings(
@@ -21,7 +35,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         edge_port=0,
         edge_admin_port=0,
         service_ports={name: 0 for name in SERVICE_NAMES},
-        env={"JANNA_SHUTDOWN_GRACE_S": "5"},
+        env={
+            "JANNA_SHUTDOWN_GRACE_S": "5",
+            "OPENAI_API_KEY": "sk-test-stack-key",
+            "OPENAI_BASE_URL": fake_openai.base_url,
+            # Documents are embedded in-process (384 dimensions), as offline.
+            "JANNA_EMBEDDINGS_PROVIDER": "embedded",
+            "JANNA_CHAT_HISTORY_TOKENS": str(HISTORY_TOKENS),
+            # Under the edge's default request buffer (1 MiB), so that the
+            # ingest service, not Envoy, answers an oversize direct upload.
+            "JANNA_DIRECT_UPLOAD_MAX_BYTES": str(512 * 1024),
+        },
     )
     with Stack(settings) as running:
         yield running
