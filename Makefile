@@ -6,7 +6,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint protos format clean
+.PHONY: run test lint protos format clean tools
+
+# The runbook's commands use curl, jq, psql and redis-cli; a bare machine may
+# lack redis-cli and jq, which Debian's packages provide.
+tools:
+	@missing=""; for tool in redis-cli jq curl psql; do \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq redis-tools jq curl postgresql-client >/dev/null; \
+	  else \
+	    echo "missing:$$missing (Debian: apt-get install redis-tools jq curl postgresql-client)" >&2; exit 1; \
+	  fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,12 +32,13 @@ protos: $(STAMP)
 	$(PY) protos/build.py
 
 run: $(STAMP) protos
+	-@$(MAKE) --no-print-directory tools
 	$(PY) -m devstack
 
 # Tests run against the generated code as committed, so that a stale
 # checkout fails tests/test_protos.py instead of being silently rebuilt.
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) tools
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
