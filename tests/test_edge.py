@@ -18,6 +18,11 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.edge.config import (
@@ -29,6 +34,8 @@ from services.edge.config import (
     render,
 )
 from services.proto.janna.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
     chat_pb2,
     chat_pb2_grpc,
     ingest_pb2,
@@ -37,7 +44,7 @@ from services.proto.janna.v1 import (
     mesh_pb2_grpc,
     rag_pb2_grpc,
 )
-from services.runtime import errors
+from services.runtime import errors, identity
 from services.runtime.config import ConfigError, Env
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,8 @@ ENVOY = Path(sys.executable).parent / "envoy"
 FRONTEND = "http://app.example.test"
 EVENT_GAP_S = 0.3
 STARTUP_S = 20.0
+TOKEN = "ok"
+"""The one credential the fake authorizer admits, as alice."""
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +149,34 @@ def test_settings_from_env() -> None:
     assert settings.upstreams[0] == Upstream("auth", "127.0.0.1", 50051)
     assert settings.upstreams[2] == Upstream("chat", "chat", 6000)
     assert settings.upstreams[4] == Upstream("ingest", "127.0.0.1", 50055)
+    assert settings.authz_timeout_s == 2.0
+
+
+def test_check_timeouts_from_env(descriptor: Path) -> None:
+    env = Env(
+        {"JANNA_EDGE_AUTHZ_TIMEOUT_S": "2.5", "JANNA_EDGE_RATE_LIMIT_TIMEOUT_S": "0.5"}
+    )
+
+    manager = _manager(build_config(EdgeSettings.from_env(descriptor, env)))
+    filters = {f["name"]: f["typed_config"] for f in manager["http_filters"]}
+
+    authz = filters["envoy.filters.http.ext_authz"]
+    assert authz["grpc_service"]["timeout"] == "2.5s"
+    assert authz["failure_mode_allow"] is False
+    assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
+    limit = filters["envoy.filters.http.ratelimit"]
+    assert limit["timeout"] == "0.5s"
+    assert limit["failure_mode_deny"] is False
+    assert manager["xff_num_trusted_hops"] == 0
+
+
+def test_trusted_proxies_name_the_client(descriptor: Path) -> None:
+    env = Env({"JANNA_EDGE_TRUSTED_PROXY_HOPS": "2"})
+
+    manager = _manager(build_config(EdgeSettings.from_env(descriptor, env)))
+
+    assert manager["use_remote_address"] is True
+    assert manager["xff_num_trusted_hops"] == 2
 
 
 def test_a_malformed_address_names_its_variable() -> None:
@@ -165,7 +202,7 @@ def test_every_owner_needs_an_upstream(descriptor: Path, tmp_path: Path) -> None
         build_config(replace(settings, upstreams=settings.upstreams[1:]))
 
 
-def test_filters_run_cors_then_transcoder_then_router(
+def test_filters_run_cors_transcoder_limit_authz_router(
     descriptor: Path, tmp_path: Path
 ) -> None:
     config = build_config(_settings(descriptor, 1, tmp_path / "a.log"))
@@ -173,8 +210,25 @@ def test_filters_run_cors_then_transcoder_then_router(
     assert [f["name"] for f in _manager(config)["http_filters"]] == [
         "envoy.filters.http.cors",
         "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.ext_authz",
         "envoy.filters.http.router",
     ]
+
+
+def test_only_health_and_the_catch_all_skip_the_checks(
+    descriptor: Path, tmp_path: Path
+) -> None:
+    routes = _routes(build_config(_settings(descriptor, 1, tmp_path / "a.log")))
+
+    open_routes = {
+        name
+        for name, route in routes.items()
+        if route.get("typed_per_filter_config", {})
+        .get("envoy.filters.http.ext_authz", {})
+        .get("disabled")
+    }
+    assert open_routes == {"/janna.v1.MeshHealth/Check", "not_found"}
 
 
 # --- a real Envoy in front of a fake service ----------------------------------
@@ -239,6 +293,75 @@ class _Ingest(ingest_pb2_grpc.IngestServiceServicer):
         )
 
 
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+class _Authorizer(external_auth_pb2_grpc.AuthorizationServicer):
+    """Admits the one token as alice, naming only her id; refuses the rest."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: Any
+    ) -> external_auth_pb2.CheckResponse:
+        http = request.attributes.request.http
+        self.paths.append(http.path)
+        if http.headers.get("authorization") == f"Bearer {TOKEN}":
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=0),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=[_header(identity.USER_ID, "alice")]
+                ),
+            )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=16),
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=http_status_pb2.Unauthorized),
+                headers=[_header("content-type", "application/json")],
+                body='{"code":16,"message":"who are you"}',
+            ),
+        )
+
+
+class _Limiter(rls_pb2_grpc.RateLimitServiceServicer):
+    """Counts nothing; says OVER_LIMIT while told to."""
+
+    def __init__(self) -> None:
+        self.over = False
+        self.addresses: list[str] = []
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: Any
+    ) -> rls_pb2.RateLimitResponse:
+        self.addresses += [e.value for d in request.descriptors for e in d.entries]
+        if not self.over:
+            return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+        return rls_pb2.RateLimitResponse(
+            overall_code=rls_pb2.RateLimitResponse.OVER_LIMIT,
+            response_headers_to_add=[
+                base_pb2.HeaderValue(key="retry-after", value="7")
+            ],
+        )
+
+
+class _Me(auth_pb2_grpc.AuthServiceServicer):
+    """Answers with the caller exactly as the metadata names them."""
+
+    async def GetMe(
+        self, request: auth_pb2.GetMeRequest, context: Any
+    ) -> auth_pb2.User:
+        found = identity.from_metadata(context.invocation_metadata())
+        metadata = dict(context.invocation_metadata())
+        if found is None:
+            return auth_pb2.User(email=metadata.get(identity.USER_EMAIL, ""))
+        return auth_pb2.User(id=found.user_id, email=found.email, groups=found.groups)
+
+
 @dataclass
 class FakeService:
     """One gRPC server standing in for every service of the mesh."""
@@ -246,6 +369,8 @@ class FakeService:
     server: grpc.aio.Server
     port: int
     mesh: _Mesh
+    authorizer: _Authorizer
+    limiter: _Limiter
 
     @classmethod
     async def start(cls) -> FakeService:
@@ -257,10 +382,15 @@ class FakeService:
         chat_pb2_grpc.add_ChatServiceServicer_to_server(_Chat(), server)
         rag_pb2_grpc.add_RetrievalServiceServicer_to_server(_Rag(), server)
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(_Ingest(), server)
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(_Me(), server)
+        authorizer = _Authorizer()
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorizer, server)
+        limiter = _Limiter()
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(limiter, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        return cls(server, port, mesh)
+        return cls(server, port, mesh, authorizer, limiter)
 
     async def stop(self) -> None:
         await self.server.stop(None)
@@ -351,7 +481,12 @@ async def edge(
 
 @pytest_asyncio.fixture
 async def client(edge: Edge) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=edge.url, timeout=10.0) as http:
+    """A client with the credential the fake authorizer admits."""
+    async with httpx.AsyncClient(
+        base_url=edge.url,
+        timeout=10.0,
+        headers={"authorization": f"Bearer {TOKEN}"},
+    ) as http:
         yield http
 
 
@@ -506,6 +641,72 @@ async def test_unannotated_methods_are_unreachable(client: httpx.AsyncClient) ->
     )
 
 
+async def test_the_caller_is_named_by_ext_authz_alone(
+    client: httpx.AsyncClient,
+) -> None:
+    spoofed = {
+        "x-user-id": "mallory",
+        "x-user-email": "mallory@evil.test",
+        "x-user-groups": "admin",
+    }
+
+    response = await client.get("/api/me", headers=spoofed)
+
+    # The fake authorizer names only the id: the client's email and groups
+    # were dropped before it ran, not just overwritten by it.
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "alice"
+    assert response.json()["email"] == ""
+    assert response.json()["groups"] == []
+
+
+async def test_refusals_keep_the_authorizer_body(edge: Edge) -> None:
+    async with httpx.AsyncClient(base_url=edge.url, timeout=10.0) as anonymous:
+        response = await anonymous.get("/api/me", headers={"x-user-id": "alice"})
+
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"code": 16, "message": "who are you"}
+    assert response.headers["cache-control"] == "no-store"
+
+
+async def test_health_and_unknown_paths_are_neither_checked_nor_counted(
+    client: httpx.AsyncClient, fake: FakeService
+) -> None:
+    checks, counts = len(fake.authorizer.paths), len(fake.limiter.addresses)
+
+    for path in ("/health", "/api/health", "/api/nothing-here"):
+        await client.get(path)
+    await client.options(
+        "/api/me",
+        headers={"origin": FRONTEND, "access-control-request-method": "GET"},
+    )
+    assert fake.authorizer.paths[checks:] == []
+    assert fake.limiter.addresses[counts:] == []
+
+    assert (await client.get("/api/me")).status_code == 200
+    # Both see the request as it will be routed: by its gRPC method.
+    assert fake.authorizer.paths[checks:] == ["/janna.v1.AuthService/GetMe"]
+    assert fake.limiter.addresses[counts:] == ["127.0.0.1"]
+
+
+async def test_over_the_limit_is_429_with_retry_after(
+    client: httpx.AsyncClient, fake: FakeService
+) -> None:
+    fake.limiter.over = True
+    try:
+        response = await client.get("/api/me")
+    finally:
+        fake.limiter.over = False
+
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert (body["code"], body["message"]) == (8, "too many requests")
+    assert body["details"][0]["reason"] == "RATE_LIMITED"
+
+
 async def test_admin_listens_on_loopback_only(edge: Edge) -> None:
     port = edge.settings.admin_port
 
@@ -556,9 +757,40 @@ async def test_health_fails_when_the_services_are_gone(
             while response.status_code != 503 and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
                 response = await http.get("/health")
+            # The limit fails open, the check fails closed.
+            api = await http.get(
+                "/api/me", headers={"authorization": f"Bearer {TOKEN}"}
+            )
 
         assert response.status_code == 503
         assert response.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert api.status_code == 503
+        assert api.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert api.json()["details"][0]["reason"] == "AUTH_UNAVAILABLE"
+    finally:
+        await edge.stop()
+        await fake.stop()
+
+
+async def test_behind_a_trusted_proxy_the_limit_counts_the_client(
+    descriptor: Path, tmp_path: Path
+) -> None:
+    fake = await FakeService.start()
+    settings = _settings(descriptor, fake.port, tmp_path / "a.log")
+    edge = await _start_envoy(replace(settings, trusted_proxy_hops=1), tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=5.0) as http:
+            response = await http.get(
+                "/api/me",
+                headers={
+                    "authorization": f"Bearer {TOKEN}",
+                    # A client's claim, then what the trusted proxy saw.
+                    "x-forwarded-for": "198.51.100.1, 203.0.113.9",
+                },
+            )
+
+        assert response.status_code == 200
+        assert fake.limiter.addresses == ["203.0.113.9"]
     finally:
         await edge.stop()
         await fake.stop()

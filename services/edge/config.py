@@ -13,7 +13,9 @@ import yaml
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from services.runtime import identity
 from services.runtime.config import DEFAULT_PORTS, SERVICE_NAMES, ConfigError, Env
+from services.runtime.errors import DOMAIN as ERROR_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,23 @@ CORS_MAX_AGE_S = 600
 
 NOT_FOUND = "not_found"
 """The catch-all route, and the absent cluster it names."""
+
+AUTH_CLUSTER = "auth"
+"""The upstream that answers ext_authz checks and rate-limit questions."""
+
+RATE_LIMIT_DOMAIN = "janna"
+"""The domain the edge's rate-limit questions name; the auth service keys on it."""
+
+OPEN_METHODS = (f"/{MESH_HEALTH_SERVICE}/Check",)
+"""gRPC paths neither authorised nor counted against the per-IP limit: the
+liveness check (``GET /health`` and ``/api/health``), which load balancers
+and the runbook's ``curl -I .../api/health`` ask without credentials."""
+
+CALLER_HEADERS = (identity.USER_ID, identity.USER_EMAIL, identity.USER_GROUPS)
+"""Set only by ext_authz; a client's own are dropped before anything reads them."""
+
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+RATE_LIMIT = "envoy.filters.http.ratelimit"
 
 _HTTP2_ONLY = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -90,6 +109,18 @@ class EdgeSettings:
     """Server-streaming routes have no overall timeout, only this idle one."""
     access_log_path: str | None = None
     """Where Envoy writes one line per request; None means its stdout."""
+    authz_timeout_s: float = 2.0
+    """How long a request waits for the auth service's verdict; then it is 503.
+    Generous: missing it refuses a user who may well be entitled."""
+    trusted_proxy_hops: int = 0
+    """``JANNA_EDGE_TRUSTED_PROXY_HOPS``: proxies in front of the edge (ALB,
+    CloudFront) whose ``X-Forwarded-For`` entries are trusted; the client
+    address, which the per-IP limit counts, is the one before them. 0 takes
+    the peer of the connection itself."""
+    rate_limit_timeout_s: float = 2.0
+    """How long a request waits for the per-IP count; then it goes uncounted.
+    Generous too: a slow answer means a busy auth service, just when the limit
+    matters most. With Redis down the auth service admits at once itself."""
 
     @classmethod
     def from_env(cls, descriptor_path: Path, env: Env | None = None) -> EdgeSettings:
@@ -110,6 +141,15 @@ class EdgeSettings:
             listen_port=env.integer("JANNA_EDGE_PORT", cls.listen_port),
             admin_port=env.integer("JANNA_EDGE_ADMIN_PORT", cls.admin_port),
             frontend_url=env.text("FRONTEND_URL", cls.frontend_url),
+            authz_timeout_s=env.number(
+                "JANNA_EDGE_AUTHZ_TIMEOUT_S", cls.authz_timeout_s
+            ),
+            rate_limit_timeout_s=env.number(
+                "JANNA_EDGE_RATE_LIMIT_TIMEOUT_S", cls.rate_limit_timeout_s
+            ),
+            trusted_proxy_hops=env.integer(
+                "JANNA_EDGE_TRUSTED_PROXY_HOPS", cls.trusted_proxy_hops
+            ),
         )
 
 
@@ -175,10 +215,13 @@ def http_filters(settings: EdgeSettings, services: Iterable[str]) -> list[Any]:
     """The HTTP filter chain, in the order a request passes it.
 
     CORS comes first so that a preflight is answered before anything asks for
-    credentials. ``ext_authz`` and ``ratelimit`` (both calling the auth
-    upstream) go between CORS and the transcoder, where they see the request
-    as the client sent it: HTTP method, path and JSON body. The transcoder
-    then turns it into gRPC for the router, which is always last.
+    credentials. The transcoder then turns a JSON request into gRPC and
+    re-routes it by its gRPC path, so the two checks after it see the route
+    that will really be taken: the per-IP ``ratelimit`` (which skips routes
+    without a real cluster, such as the 404 catch-all) and then ``ext_authz``,
+    which decides on the gRPC method, however the HTTP path was spelt. The
+    limit comes first so that a flood of made-up tokens is refused like any
+    other flood instead of costing a token check each. The router is last.
     """
     return [
         {
@@ -190,6 +233,8 @@ def http_filters(settings: EdgeSettings, services: Iterable[str]) -> list[Any]:
             },
         },
         _transcoder(settings, services),
+        _rate_limit(settings),
+        _ext_authz(settings),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {
@@ -199,6 +244,52 @@ def http_filters(settings: EdgeSettings, services: Iterable[str]) -> list[Any]:
             },
         },
     ]
+
+
+def _ext_authz(settings: EdgeSettings) -> dict[str, Any]:
+    return {
+        "name": EXT_AUTHZ,
+        "typed_config": {
+            "@type": (
+                "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+            ),
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": AUTH_CLUSTER},
+                "timeout": _duration(settings.authz_timeout_s),
+            },
+            "transport_api_version": "V3",
+            # No verdict is a refusal: an unreachable, failing or slow auth
+            # service answers 503, and never lets a request through.
+            "failure_mode_allow": False,
+            "status_on_error": {"code": "ServiceUnavailable"},
+            # The check needs only the credentials; the (gRPC) method and
+            # path travel in their own fields.
+            "allowed_headers": {"patterns": [{"exact": "authorization"}]},
+        },
+    }
+
+
+def _rate_limit(settings: EdgeSettings) -> dict[str, Any]:
+    return {
+        "name": RATE_LIMIT,
+        "typed_config": {
+            "@type": (
+                "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3"
+                ".RateLimit"
+            ),
+            "domain": RATE_LIMIT_DOMAIN,
+            "timeout": _duration(settings.rate_limit_timeout_s),
+            # The limit protects capacity, not secrets: when it cannot be
+            # counted the request goes on (the chat limit still guards models).
+            "failure_mode_deny": False,
+            # gRPC clients get RESOURCE_EXHAUSTED, not UNAVAILABLE.
+            "rate_limited_as_resource_exhausted": True,
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": AUTH_CLUSTER}},
+                "transport_api_version": "V3",
+            },
+        },
+    }
 
 
 def _upstream(name: str, address: str) -> Upstream:
@@ -252,9 +343,11 @@ def _listener(
         ),
         "stat_prefix": "edge",
         "codec_type": "AUTO",
-        # The edge is the first hop: the peer address is the client's, which
-        # the per-IP rate limit will key on.
+        # The edge is the first hop it trusts: the peer address, or the one
+        # the trusted proxies in front of it name, is the client's, which the
+        # per-IP rate limit keys on. A client's own X-Forwarded-For is not.
         "use_remote_address": True,
+        "xff_num_trusted_hops": settings.trusted_proxy_hops,
         # Routes match exact paths, and authorization will too: "/a//b" and
         # "/a/./b" must not slip past them.
         "normalize_path": True,
@@ -262,6 +355,8 @@ def _listener(
         "always_set_request_id_in_response": True,
         # Applies to every stream; a chat answer may pause for a slow model.
         "stream_idle_timeout": _duration(settings.stream_idle_timeout_s),
+        # Before routing and every filter: only ext_authz may name the caller.
+        "early_header_mutation_extensions": [_drop_caller_headers()],
         "access_log": [_access_log(settings.access_log_path)],
         "local_reply_config": _local_reply_config(),
         "route_config": _route_config(settings, methods, owners),
@@ -283,27 +378,71 @@ def _listener(
     }
 
 
+def _drop_caller_headers() -> dict[str, Any]:
+    return {
+        "name": "envoy.http.early_header_mutation.header_mutation",
+        "typed_config": {
+            "@type": (
+                "type.googleapis.com/envoy.extensions.http.early_header_mutation"
+                ".header_mutation.v3.HeaderMutation"
+            ),
+            "mutations": [{"remove": name} for name in CALLER_HEADERS],
+        },
+    }
+
+
 def _local_reply_config() -> dict[str, Any]:
     # Clients should meet one error shape, the transcoder's google.rpc.Status
     # JSON, also when Envoy answers itself. Only these cases are rewritten, not
-    # every local reply: those of later filters (ext_authz's 401 and 403,
-    # ratelimit's 429) carry their own bodies.
+    # every local reply: ext_authz's 401 and 403 carry the auth service's own
+    # bodies, already in that shape.
     no_upstream = ["UH", "UF", "UO", "URX", "UC"]
-    # (access-log filter, gRPC code, message); None keeps Envoy's message.
-    errors: list[tuple[dict[str, Any], int, str | None]] = [
-        ({"response_flag_filter": {"flags": ["NC"]}}, 5, "no such route"),
-        ({"response_flag_filter": {"flags": no_upstream}}, 14, None),
-        ({"response_flag_filter": {"flags": ["UT"]}}, 4, None),
+    # (access-log filter, gRPC code, message, reason); a None message keeps
+    # Envoy's, a None reason adds no ErrorInfo.
+    errors: list[tuple[dict[str, Any], int, str | None, str | None]] = [
+        ({"response_flag_filter": {"flags": ["NC"]}}, 5, "no such route", None),
+        ({"response_flag_filter": {"flags": no_upstream}}, 14, None, None),
+        ({"response_flag_filter": {"flags": ["UT"]}}, 4, None, None),
+        # The per-IP limit; the auth service adds Retry-After.
+        (
+            {"response_flag_filter": {"flags": ["RL"]}},
+            8,
+            "too many requests",
+            "RATE_LIMITED",
+        ),
+        # No verdict from the auth service (down, failing or too slow).
+        (
+            {
+                "and_filter": {
+                    "filters": [
+                        {"response_flag_filter": {"flags": ["UAEX"]}},
+                        {"status_code_filter": _status_is(503)},
+                    ]
+                }
+            },
+            14,
+            "authentication is unavailable",
+            "AUTH_UNAVAILABLE",
+        ),
         # The transcoder's: a body that is not JSON, or one that is too big.
-        ({"status_code_filter": _status_is(400)}, 3, None),
-        ({"status_code_filter": _status_is(413)}, 8, None),
+        ({"status_code_filter": _status_is(400)}, 3, None, None),
+        ({"status_code_filter": _status_is(413)}, 8, None, None),
     ]
     mappers = []
-    for access_filter, code, message in errors:
+    for access_filter, code, message, reason in errors:
+        body: dict[str, Any] = {"code": code, "message": "%LOCAL_REPLY_BODY%"}
+        if reason is not None:
+            body["details"] = [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": reason,
+                    "domain": ERROR_DOMAIN,
+                }
+            ]
         mapper: dict[str, Any] = {
             "filter": access_filter,
             "body_format_override": {
-                "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%"},
+                "json_format": body,
                 "content_type": "application/json",
             },
         }
@@ -353,11 +492,17 @@ def _route_config(
         }
         for method in methods
     ]
+    for route in routes:
+        if route["name"] in OPEN_METHODS:
+            route["typed_per_filter_config"] = _open_route()
     # Everything else, including the HTTP path a request has before it is
     # transcoded, which is what the CORS filter sees. The CORS filter applies
     # its policy only on a forwarding route (never on a direct response), and
     # a preflight is never transcoded, so this must be one: to a cluster that
     # does not exist, which the router answers with 404.
+    # It forwards nothing, so neither ext_authz nor the limit need asking:
+    # an unknown path is 404 for everyone, and so is a preflight from
+    # another origin (the CORS filter answered the frontend's own).
     routes.append(
         {
             "name": NOT_FOUND,
@@ -366,6 +511,7 @@ def _route_config(
                 "cluster": NOT_FOUND,
                 "cluster_not_found_response_code": "NOT_FOUND",
             },
+            "typed_per_filter_config": _open_route(),
         }
     )
     return {
@@ -387,8 +533,30 @@ def _route_config(
                 "typed_per_filter_config": {
                     "envoy.filters.http.cors": _cors_policy(settings.frontend_url)
                 },
+                # One count per client address; with use_remote_address that
+                # is the peer's, which a client cannot forge in a header.
+                "rate_limits": [{"actions": [{"remote_address": {}}]}],
             }
         ],
+    }
+
+
+def _open_route() -> dict[str, Any]:
+    return {
+        EXT_AUTHZ: {
+            "@type": (
+                "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3"
+                ".ExtAuthzPerRoute"
+            ),
+            "disabled": True,
+        },
+        RATE_LIMIT: {
+            "@type": (
+                "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3"
+                ".RateLimitPerRoute"
+            ),
+            "vh_rate_limits": "IGNORE",
+        },
     }
 
 
