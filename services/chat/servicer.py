@@ -248,17 +248,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except LimiterUnavailable:
             # The limit protects paid models, so it fails closed.
             logger.warning("chat rate limiter unavailable; refusing the turn")
-            context.set_trailing_metadata((("retry-after", "5"),))
             await errors.abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "rate limiting is unavailable; try again shortly",
                 "RATE_LIMITER_UNAVAILABLE",
+                metadata=(("retry-after", "5"),),
             )
         if not decision.allowed:
-            context.set_trailing_metadata(
-                (("retry-after", str(decision.retry_after_s)),)
-            )
             await errors.abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -266,6 +263,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 f"{self._config.rate_window_s} s); retry in "
                 f"{decision.retry_after_s} s",
                 "RATE_LIMITED",
+                metadata=(("retry-after", str(decision.retry_after_s)),),
             )
 
     async def _retrieve(

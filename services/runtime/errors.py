@@ -44,10 +44,17 @@ async def abort(
     message: str,
     reason: str | None = None,
     *extra: object,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> NoReturn:
-    """Ends the call with ``code``; ``reason`` defaults to the code's name."""
+    """Ends the call with ``code``; ``reason`` defaults to the code's name.
+
+    ``metadata`` rides along as trailers, which the edge turns into response
+    headers (``retry-after``, for one).
+    """
     details = status_details(code, message, reason or code.name, *extra)
     await context.abort(
-        code, message, trailing_metadata=(("grpc-status-details-bin", details),)
+        code,
+        message,
+        trailing_metadata=(*metadata, ("grpc-status-details-bin", details)),
     )
     raise AssertionError("unreachable: context.abort raises")

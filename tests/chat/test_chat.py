@@ -29,7 +29,9 @@ def new_user() -> str:
 
 
 def read_events(lines: list[str]) -> list[dict[str, Any]]:
-    return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+    return [
+        json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")
+    ]
 
 
 async def turn(
@@ -77,15 +79,24 @@ async def test_runbook_curl_streams_events(stack: Stack) -> None:
     # Runbook §1, as written, with a real conversation id.
     result = subprocess.run(
         [
-            "curl", "-N", "-sS", "-i",
-            "-H", "Authorization: Bearer dev:u1:test@dev.local",
-            "-H", "Content-Type: application/json",
-            "-d", json.dumps({"conversationId": conversation_id, "message": "hello"}),
+            "curl",
+            "-N",
+            "-sS",
+            "-i",
+            "-H",
+            "Authorization: Bearer dev:u1:test@dev.local",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({"conversationId": conversation_id, "message": "hello"}),
             f"{stack.edge_url}/api/chat/stream",
         ],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    head, _, body = result.stdout.partition("\r\n\r\n")
+    # text mode turns the header block's CRLFs into plain newlines.
+    head, _, body = result.stdout.partition("\n\n")
     assert "content-type: text/event-stream" in head.lower()
     assert "x-accel-buffering: no" in head.lower()
     events = read_events(body.splitlines())
@@ -117,14 +128,16 @@ async def test_new_conversation_is_created_titled_and_persisted(
     client: httpx.AsyncClient,
 ) -> None:
     user = new_user()
-    reply, events, _ = await turn(
+    _reply, events, _ = await turn(
         client, user, {"message": "What is the capital of France, and why is it Paris?"}
     )
     conversation_id = events[0]["activity"]["conversationId"]
     done = events[-1]["done"]
     assert done["conversationId"] == conversation_id
 
-    got = await client.get(f"/api/conversations/{conversation_id}", headers=user_headers(user))
+    got = await client.get(
+        f"/api/conversations/{conversation_id}", headers=user_headers(user)
+    )
     assert got.status_code == 200
     body = got.json()
     assert body["title"].startswith("What is the capital of France")
@@ -141,15 +154,21 @@ async def test_conversations_crud_and_pagination(client: httpx.AsyncClient) -> N
     headers = user_headers(user)
     ids = []
     for i in range(5):
-        reply = await client.post("/api/conversations", json={"title": f"c{i}"}, headers=headers)
+        reply = await client.post(
+            "/api/conversations", json={"title": f"c{i}"}, headers=headers
+        )
         assert reply.status_code == 200
         ids.append(reply.json()["id"])
 
-    page = await client.get("/api/conversations", params={"pageSize": 2}, headers=headers)
+    page = await client.get(
+        "/api/conversations", params={"pageSize": 2}, headers=headers
+    )
     assert [c["title"] for c in page.json()["conversations"]] == ["c4", "c3"]
     token = page.json()["nextPageToken"]
     page2 = await client.get(
-        "/api/conversations", params={"pageSize": 2, "pageToken": token}, headers=headers
+        "/api/conversations",
+        params={"pageSize": 2, "pageToken": token},
+        headers=headers,
     )
     assert [c["title"] for c in page2.json()["conversations"]] == ["c2", "c1"]
 
@@ -169,9 +188,13 @@ async def test_conversations_crud_and_pagination(client: httpx.AsyncClient) -> N
     assert bad_token.status_code == 400
 
 
-async def test_another_users_conversation_is_not_found(client: httpx.AsyncClient) -> None:
+async def test_another_users_conversation_is_not_found(
+    client: httpx.AsyncClient,
+) -> None:
     owner, other = new_user(), new_user()
-    created = await client.post("/api/conversations", json={}, headers=user_headers(owner))
+    created = await client.post(
+        "/api/conversations", json={}, headers=user_headers(owner)
+    )
     conversation_id = created.json()["id"]
 
     for method, path, body in (
@@ -179,19 +202,31 @@ async def test_another_users_conversation_is_not_found(client: httpx.AsyncClient
         ("PATCH", f"/api/conversations/{conversation_id}", {"title": "x"}),
         ("DELETE", f"/api/conversations/{conversation_id}", None),
     ):
-        reply = await client.request(method, path, json=body, headers=user_headers(other))
+        reply = await client.request(
+            method, path, json=body, headers=user_headers(other)
+        )
         assert reply.status_code == 404, (method, reply.text)
     reply, _, _ = await turn(
         client, other, {"conversationId": conversation_id, "message": "hi"}
     )
     assert reply.status_code == 404
-    assert (await client.get(f"/api/conversations/{conversation_id}", headers=user_headers(owner))).status_code == 200
-    assert (await client.get("/api/conversations/not-a-uuid", headers=user_headers(owner))).status_code == 404
+    assert (
+        await client.get(
+            f"/api/conversations/{conversation_id}", headers=user_headers(owner)
+        )
+    ).status_code == 200
+    assert (
+        await client.get("/api/conversations/not-a-uuid", headers=user_headers(owner))
+    ).status_code == 404
 
 
 async def test_bad_turns_are_400(client: httpx.AsyncClient) -> None:
     user = new_user()
-    for body in ({"message": ""}, {"message": "   \n "}, {"message": "x" * (1024 * 1024)}):
+    for body in (
+        {"message": ""},
+        {"message": "   \n "},
+        {"message": "x" * (1024 * 1024)},
+    ):
         reply, _, _ = await turn(client, user, body)
         assert reply.status_code in (400, 413), reply.status_code
         assert reply.headers["content-type"].startswith("application/json")
@@ -209,14 +244,18 @@ async def test_history_is_sent_and_trimmed_to_budget(
 ) -> None:
     user = new_user()
     long_text = "alpha " * 150  # about 150 tokens a turn
-    reply, events, _ = await turn(client, user, {"message": "first " + long_text})
+    _reply, events, _ = await turn(client, user, {"message": "first " + long_text})
     conversation_id = events[0]["activity"]["conversationId"]
     for word in ("second", "third", "fourth"):
         await turn(
-            client, user, {"conversationId": conversation_id, "message": f"{word} {long_text}"}
+            client,
+            user,
+            {"conversationId": conversation_id, "message": f"{word} {long_text}"},
         )
     before = len(fake_openai.requests)
-    await turn(client, user, {"conversationId": conversation_id, "message": "fifth question"})
+    await turn(
+        client, user, {"conversationId": conversation_id, "message": "fifth question"}
+    )
     sent = fake_openai.requests[before]["messages"]
 
     assert sent[0]["role"] == "system"
@@ -234,7 +273,9 @@ async def test_midstream_failure_gives_error_event_and_partial_message(
     client: httpx.AsyncClient,
 ) -> None:
     user = new_user()
-    reply, events, _ = await turn(client, user, {"message": "please midstream-fail now"})
+    reply, events, _ = await turn(
+        client, user, {"message": "please midstream-fail now"}
+    )
     assert reply.status_code == 200
     tokens = "".join(e["token"]["text"] for e in events if e["type"] == "token")
     assert tokens == "Partial answer so"
@@ -243,7 +284,9 @@ async def test_midstream_failure_gives_error_event_and_partial_message(
     assert events[-1]["error"]["message"]
 
     conversation_id = events[0]["activity"]["conversationId"]
-    got = await client.get(f"/api/conversations/{conversation_id}", headers=user_headers(user))
+    got = await client.get(
+        f"/api/conversations/{conversation_id}", headers=user_headers(user)
+    )
     assistant = got.json()["messages"][-1]
     assert assistant["role"] == "assistant"
     assert assistant["status"] == "error"
@@ -258,7 +301,9 @@ async def test_client_disconnect_stores_stopped_and_cancels_upstream(
     conversation_id = None
     seen = 0
     async with client.stream(
-        "POST", "/api/chat/stream", json={"message": "a slow-answer please"},
+        "POST",
+        "/api/chat/stream",
+        json={"message": "a slow-answer please"},
         headers=user_headers(user),
     ) as reply:
         async for line in reply.aiter_lines():
@@ -276,7 +321,9 @@ async def test_client_disconnect_stores_stopped_and_cancels_upstream(
     assert fake_openai.wait_for(lambda: fake_openai.disconnects > disconnects, 10)
 
     async def stored() -> dict[str, Any] | None:
-        got = await client.get(f"/api/conversations/{conversation_id}", headers=user_headers(user))
+        got = await client.get(
+            f"/api/conversations/{conversation_id}", headers=user_headers(user)
+        )
         messages = got.json()["messages"]
         return messages[-1] if messages[-1]["role"] == "assistant" else None
 
@@ -314,25 +361,39 @@ async def test_forty_concurrent_turns_admit_exactly_thirty(
 
     # Runbook §5: deleting the key clears the limit at once.
     kv.delete(f"rl:{user}:chat")
-    again = await client.post("/api/chat/stream", json={"message": "hi"}, headers=user_headers(user))
+    again = await client.post(
+        "/api/chat/stream", json={"message": "hi"}, headers=user_headers(user)
+    )
     assert again.status_code == 200
 
 
 async def test_admin_reset_clears_the_limit(client: httpx.AsyncClient, kv: Any) -> None:
     user = new_user()
     kv.zadd(f"rl:{user}:chat", {f"m{i}": time.time() * 1000 for i in range(30)})
-    refused = await client.post("/api/chat/stream", json={"message": "hi"}, headers=user_headers(user))
+    refused = await client.post(
+        "/api/chat/stream", json={"message": "hi"}, headers=user_headers(user)
+    )
     assert refused.status_code == 429
 
-    not_admin = await client.delete(f"/api/admin/rate-limits/{user}", headers=user_headers(new_user()))
+    not_admin = await client.delete(
+        f"/api/admin/rate-limits/{user}", headers=user_headers(new_user())
+    )
     assert not_admin.status_code == 403
-    reset = await client.delete(f"/api/admin/rate-limits/{user}", headers=user_headers("admin"))
+    reset = await client.delete(
+        f"/api/admin/rate-limits/{user}", headers=user_headers("admin")
+    )
     assert reset.status_code == 200, reset.text
     assert kv.exists(f"rl:{user}:chat") == 0
-    assert (await client.post("/api/chat/stream", json={"message": "hi"}, headers=user_headers(user))).status_code == 200
+    assert (
+        await client.post(
+            "/api/chat/stream", json={"message": "hi"}, headers=user_headers(user)
+        )
+    ).status_code == 200
 
 
-async def test_redis_down_fails_closed(stack: Stack, service_env: dict[str, str]) -> None:
+async def test_redis_down_fails_closed(
+    stack: Stack, service_env: dict[str, str]
+) -> None:
     """A chat service whose Redis is gone refuses turns with 429, never admits them."""
     import grpc
 
@@ -347,8 +408,10 @@ async def test_redis_down_fails_closed(stack: Stack, service_env: dict[str, str]
         "REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
     }
     process = subprocess.Popen(
-        [".venv/bin/python", "-m", "services.chat"], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [".venv/bin/python", "-m", "services.chat"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -368,7 +431,9 @@ async def test_redis_down_fails_closed(stack: Stack, service_env: dict[str, str]
         process.wait(15)
 
 
-async def test_messages_survive_in_postgres(database_url: str, client: httpx.AsyncClient) -> None:
+async def test_messages_survive_in_postgres(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
     user = new_user()
     _, events, _ = await turn(client, user, {"message": "remember me"})
     conversation_id = events[0]["activity"]["conversationId"]
@@ -380,4 +445,7 @@ async def test_messages_survive_in_postgres(database_url: str, client: httpx.Asy
         )
     finally:
         await conn.close()
-    assert [(r["role"], r["status"]) for r in rows] == [("user", "complete"), ("assistant", "complete")]
+    assert [(r["role"], r["status"]) for r in rows] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
