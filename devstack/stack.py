@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR = ROOT / "envoy" / "janna.pb"
+WORKER_METRICS_PORT = 9106
+"""The first ingest worker's Prometheus port under ``make run``; then 9107, …"""
 
 
 class StackError(RuntimeError):
@@ -89,6 +91,12 @@ class Stack:
             else free_port()
             for name, port in settings.service_ports.items()
         }
+        # Workers serve only metrics: 9106 on, or free ports beside free ones.
+        usual = settings.service_ports.get("ingest") == DEFAULT_PORTS["ingest"]
+        self.worker_metrics_ports = [
+            WORKER_METRICS_PORT + index if usual else free_port()
+            for index in range(settings.ingest_workers)
+        ]
         self.edge_port = settings.edge_port or free_port()
         self.edge_admin_port = settings.edge_admin_port or free_port()
         self.services: dict[str, subprocess.Popen[bytes]] = {}
@@ -123,6 +131,12 @@ class Stack:
             env[f"JANNA_{name.upper()}_PORT"] = str(port)
             env[f"JANNA_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
             env[f"JANNA_{name.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
+            env[f"JANNA_{name.upper()}_METRICS_ADDR"] = (
+                f"127.0.0.1:{self.metrics_ports[name]}"
+            )
+        env["JANNA_INGEST_WORKER_METRICS_ADDR"] = ",".join(
+            f"127.0.0.1:{port}" for port in self.worker_metrics_ports
+        )
         env.update(self.settings.env)
         return env
 
@@ -172,9 +186,13 @@ class Stack:
     def start_worker(self, index: int = 0) -> subprocess.Popen[bytes]:
         """Starts (or restarts) ingest worker ``index``."""
         log = open(self.settings.logs / f"ingest-worker-{index}.log", "ab")
+        while index >= len(self.worker_metrics_ports):
+            self.worker_metrics_ports.append(free_port())
+        env = self.service_env()
+        env["JANNA_INGEST_WORKER_METRICS_PORT"] = str(self.worker_metrics_ports[index])
         process = subprocess.Popen(
             [sys.executable, "-m", "services.ingest.worker"],
-            env=self.service_env(),
+            env=env,
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

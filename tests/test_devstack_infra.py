@@ -93,6 +93,7 @@ def test_addresses_as_env_and_shell_lines(stack: Stack) -> None:
         "REDIS_URL",
         "AWS_ENDPOINT_URL",
         "AWS_REGION",
+        "AWS_DEFAULT_REGION",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "S3_BUCKET",

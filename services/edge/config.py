@@ -117,6 +117,10 @@ class EdgeSettings:
     CloudFront) whose ``X-Forwarded-For`` entries are trusted; the client
     address, which the per-IP limit counts, is the one before them. 0 takes
     the peer of the connection itself."""
+    max_request_bytes: int = 11 * 1024 * 1024
+    """``JANNA_EDGE_MAX_REQUEST_BYTES``: the largest request body the edge
+    transcodes; above the direct upload's 10 MiB, so that the ingest service,
+    not Envoy, tells an uploader their file is too large."""
     rate_limit_timeout_s: float = 2.0
     """How long a request waits for the per-IP count; then it goes uncounted.
     Generous too: a slow answer means a busy auth service, just when the limit
@@ -149,6 +153,9 @@ class EdgeSettings:
             ),
             trusted_proxy_hops=env.integer(
                 "JANNA_EDGE_TRUSTED_PROXY_HOPS", cls.trusted_proxy_hops
+            ),
+            max_request_bytes=env.integer(
+                "JANNA_EDGE_MAX_REQUEST_BYTES", cls.max_request_bytes
             ),
         )
 
@@ -468,6 +475,7 @@ def _transcoder(settings: EdgeSettings, services: Iterable[str]) -> dict[str, An
             # Browsers and caches add query parameters of their own; without
             # this such a request is not transcoded at all and ends in 404.
             "ignore_unknown_query_parameters": True,
+            "max_request_body_size": settings.max_request_bytes,
             "print_options": {
                 "always_print_primitive_fields": True,
                 # Each streamed message becomes "data: {...}\n\n", and the

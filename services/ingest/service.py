@@ -1,4 +1,7 @@
-"""Start-up of the ingest service."""
+"""Start-up of the ingest service: the attachment calls and the DLQ admin calls.
+
+The queue worker is a separate process, ``python -m services.ingest.worker``.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +9,39 @@ import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
-from services.proto.janna.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    ingest_pb2,
-    ingest_pb2_grpc,
-)
+from services.ingest.api import INGEST_DESCRIPTOR, IngestServicer, QueueAdminServicer
+from services.ingest.aws import Aws
+from services.ingest.config import AwsConfig, UploadConfig
+from services.proto.janna.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2_grpc
 from services.runtime import db
 from services.runtime.config import DatabaseConfig, Env, ServerConfig
-from services.runtime.pending import pending
 from services.runtime.server import Servicer, Setup
 from services.runtime.server import main as serve_main
 
 logger = logging.getLogger(__name__)
 
-INGEST = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
 QUEUE_ADMIN = admin_pb2.DESCRIPTOR.services_by_name["QueueAdmin"]
 
 
 def build(env: Env) -> tuple[ServerConfig, Setup]:
     server = ServerConfig.from_env("ingest", env)
     database = DatabaseConfig.from_env(env)
+    aws_config = AwsConfig.from_env(env)
+    uploads = UploadConfig.from_env(env)
 
     async def setup(resources: AsyncExitStack) -> Sequence[Servicer]:
         pool = await db.connect(database)
         resources.push_async_callback(pool.close)
+        aws = await resources.enter_async_context(Aws.connect(aws_config))
         return [
             Servicer(
-                INGEST,
-                pending(ingest_pb2_grpc.IngestServiceServicer, INGEST),
+                INGEST_DESCRIPTOR,
+                IngestServicer(pool, aws, uploads),
                 ingest_pb2_grpc.add_IngestServiceServicer_to_server,
             ),
             Servicer(
                 QUEUE_ADMIN,
-                pending(admin_pb2_grpc.QueueAdminServicer, QUEUE_ADMIN),
+                QueueAdminServicer(pool, aws),
                 admin_pb2_grpc.add_QueueAdminServicer_to_server,
             ),
         ]

@@ -24,12 +24,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.proto.janna.v1 import mesh_pb2, mesh_pb2_grpc
-from services.runtime import logs, metrics
+from services.runtime import errors, logs, metrics
 from services.runtime.config import ConfigError, Env, ServerConfig
 from services.runtime.db import SchemaError
 from services.runtime.meshhealth import MeshHealthServicer
 
 logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -113,6 +115,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
                     reply = await inner_unary(request, context)
                 except BaseException as exc:
                     finish(started, status_of(context, exc))
+                    await _internal_error(context, exc, method)
                     raise
                 finish(started, status_of(context, None))
                 return reply
@@ -135,6 +138,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
                         yield item
                 except BaseException as exc:
                     finish(started, status_of(context, exc))
+                    await _internal_error(context, exc, method)
                     raise
                 finish(started, status_of(context, None))
 
@@ -146,6 +150,22 @@ class AccessLog(grpc.aio.ServerInterceptor):
         return handler
 
 
+async def _internal_error(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str
+) -> None:
+    """Answers a servicer's unexpected exception like any other error.
+
+    gRPC would end the call UNKNOWN with the exception's text as the message,
+    which tells a client about the code and nothing it can use; this keeps
+    the traceback in the log, beside the request id, and gives the client
+    the same status with a plain message, a reason and that id.
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
+        return
+    logger.error("unexpected error in %s", method, exc_info=exc)
+    await errors.abort(context, grpc.StatusCode.UNKNOWN, "internal error", "INTERNAL")
+
+
 async def serve(config: ServerConfig, setup: Setup) -> None:
     """Runs the service until SIGTERM or SIGINT, then shuts it down in order."""
     stop = asyncio.Event()
@@ -155,7 +175,11 @@ async def serve(config: ServerConfig, setup: Setup) -> None:
 
     async with AsyncExitStack() as resources:
         servicers = await setup(resources)
-        server = grpc.aio.server(interceptors=[AccessLog(config.name)])
+        server = grpc.aio.server(
+            interceptors=[AccessLog(config.name)],
+            # Direct uploads carry up to 10 MiB in one message.
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         mesh = MeshHealthServicer(config)
@@ -203,8 +227,8 @@ def main(name: str, build: Callable[[Env], tuple[ServerConfig, Setup]]) -> int:
     status 1 and one clear line instead of a traceback.
     """
     env = Env()
-    logs.configure(name, env)
     try:
+        logs.configure(name, env)
         config, setup = build(env)
         asyncio.run(serve(config, setup))
     except (ConfigError, SchemaError, OSError) as exc:

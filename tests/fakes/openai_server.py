@@ -59,7 +59,9 @@ class FakeOpenAI:
 
     def stop(self) -> None:
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(
+                10
+            )
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
@@ -100,9 +102,17 @@ class FakeOpenAI:
         elif "slow-answer" in last:
             tokens, cut_after, delay = [f" word{i}" for i in range(80)], None, 0.25
         elif "[1] (" in system:
-            tokens, cut_after, delay = ["The", " answer", " is", " here", " [1]", "."], None, TOKEN_DELAY_S
+            tokens, cut_after, delay = (
+                ["The", " answer", " is", " here", " [1]", "."],
+                None,
+                TOKEN_DELAY_S,
+            )
         else:
-            tokens, cut_after, delay = ["Hello", " from", " the", " fake", " model", "."], None, TOKEN_DELAY_S
+            tokens, cut_after, delay = (
+                ["Hello", " from", " the", " fake", " model", "."],
+                None,
+                TOKEN_DELAY_S,
+            )
 
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
