@@ -42,9 +42,6 @@ def stack(
             # Documents are embedded in-process (384 dimensions), as offline.
             "JANNA_EMBEDDINGS_PROVIDER": "embedded",
             "JANNA_CHAT_HISTORY_TOKENS": str(HISTORY_TOKENS),
-            # Under the edge's default request buffer (1 MiB), so that the
-            # ingest service, not Envoy, answers an oversize direct upload.
-            "JANNA_DIRECT_UPLOAD_MAX_BYTES": str(512 * 1024),
         },
     )
     with Stack(settings) as running:

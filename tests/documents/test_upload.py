@@ -194,12 +194,23 @@ async def test_size_type_and_emptiness_are_400(
     bad_conversation = await create(conversationId="not-an-id")
     assert bad_conversation.status_code == 400
 
-    # The stack sets the direct limit to 512 KiB (tests/conftest.py).
+    # The direct upload's own limit (10 MiB) answers, not the edge's buffer.
     over = await upload_direct(
-        edge, user, "big.txt", "text/plain", b"x" * (512 * 1024 + 1)
+        edge, user, "big.txt", "text/plain", b"x" * (10 * 1024 * 1024 + 1)
     )
     assert over.status_code == 400, over.text
     assert over.json()["details"][0]["reason"] == "FILE_TOO_LARGE"
+    assert "10485760" in over.json()["message"]
+    # Larger than Envoy's default 1 MiB buffer, within the limit: accepted.
+    # Deleted at once, so the worker does not spend the test run on it.
+    fits = await upload_direct(
+        edge, user, "fits.txt", "text/plain", b"words " * (2 * 1024 * 1024 // 6)
+    )
+    assert fits.status_code == 200, fits.text
+    deleted = await edge.delete(
+        f"/api/attachments/{fits.json()['id']}", headers=headers(user)
+    )
+    assert deleted.status_code == 200
     nothing = await upload_direct(edge, user, "empty.txt", "text/plain", b"")
     assert nothing.status_code == 400, nothing.text
     assert nothing.json()["details"][0]["reason"] == "EMPTY_FILE"
