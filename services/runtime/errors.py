@@ -2,7 +2,9 @@
 
 The edge renders a status as JSON (``{"code", "message", "details"}``); the
 ``google.rpc.ErrorInfo`` detail carries a stable, machine-readable reason
-beside the human message, so clients never parse messages.
+beside the human message, so clients never parse messages, and the id of the
+request (``metadata.requestId``), so that a user who reports an error hands
+the operator the id to grep the logs for.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from services.runtime import logs
+
 logger = logging.getLogger(__name__)
 
 DOMAIN = "janna"
+
+REQUEST_ID_KEY = "requestId"
+"""The ErrorInfo metadata key that carries the request's id."""
 
 
 def status_details(
@@ -26,7 +33,12 @@ def status_details(
     *extra: object,
 ) -> bytes:
     """Serialises a ``google.rpc.Status`` with an ErrorInfo and optional details."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
+    request_id = logs.REQUEST_ID.get()
+    info = error_details_pb2.ErrorInfo(
+        reason=reason,
+        domain=DOMAIN,
+        metadata={REQUEST_ID_KEY: request_id} if request_id else None,
+    )
     details = [info, *extra]
     packed = []
     for detail in details:

@@ -8,7 +8,7 @@ import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-from services.runtime.config import Env
+from services.runtime.config import ConfigError, Env
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ class JsonFormatter(logging.Formatter):
 def configure(service: str, env: Env) -> None:
     """Installs the process's one handler; called only from a ``main``.
 
-    ``JANNA_LOG_FORMAT`` is ``json`` or ``text`` (the default) and
-    ``JANNA_LOG_LEVEL`` a level name (default INFO).
+    ``JANNA_LOG_FORMAT`` is ``json`` or ``text`` (the default),
+    ``JANNA_LOG_LEVEL`` a level name (default INFO), and ``JANNA_LOG_LEVELS``
+    sets single loggers apart, ``services.gateway=DEBUG,grpc=WARNING``.
     """
     handler = logging.StreamHandler(sys.stderr)
     if env.text("JANNA_LOG_FORMAT", "text").lower() == "json":
@@ -75,7 +76,7 @@ def configure(service: str, env: Env) -> None:
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(env.text("JANNA_LOG_LEVEL", "INFO").upper())
+    root.setLevel(_level("JANNA_LOG_LEVEL", env.text("JANNA_LOG_LEVEL", "INFO")))
     # Client libraries log request bodies and headers at debug level.
     for noisy in (
         "botocore",
@@ -86,3 +87,15 @@ def configure(service: str, env: Env) -> None:
         "anthropic",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for item in env.items("JANNA_LOG_LEVELS"):
+        name, sep, level = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"JANNA_LOG_LEVELS: {item!r} is not logger=LEVEL")
+        logging.getLogger(name.strip()).setLevel(_level("JANNA_LOG_LEVELS", level))
+
+
+def _level(variable: str, text: str) -> int:
+    level = logging.getLevelName(text.strip().upper())
+    if not isinstance(level, int):
+        raise ConfigError(f"{variable}: {text!r} is not a log level")
+    return level

@@ -2,16 +2,24 @@
 
 The standard process metrics come with ``prometheus_client``; the RPC
 metrics here are recorded by the access-log interceptor for every service,
-and each service adds its own next to its code.
+and each service adds its own next to its code. Figures that live elsewhere
+(a table's row counts, a queue's depth, counters the event loop owns) are
+read when Prometheus asks, by a :class:`LoopCollector`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -47,3 +55,69 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class LoopCollector(Collector):
+    """Metrics read on the service's event loop each time Prometheus scrapes.
+
+    The exporter answers scrapes on its own threads, where the loop's pools,
+    clients and counters must not be touched; so the read is handed to the
+    loop and awaited for at most ``timeout_s``. A read that is late, or that
+    returns None (its source did not answer), serves the figures of the last
+    one that succeeded (none before the first); reads closer together than
+    ``max_age_s`` share one result, so that eager scrapers cost the source
+    nothing more.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        read: Callable[[], Awaitable[Sequence[Metric] | None]],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        timeout_s: float = 2.0,
+        max_age_s: float = 0.0,
+    ) -> None:
+        self._name = name
+        self._read = read
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._last: Sequence[Metric] = ()
+        self._read_at: float | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        # Without this the registry would collect once while registering, on
+        # the loop's own thread, which would wait for itself.
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            now = time.monotonic()
+            if self._read_at is not None and now - self._read_at < self._max_age_s:
+                return self._last
+            future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+            try:
+                fresh = future.result(self._timeout_s)
+            except TimeoutError:
+                future.cancel()
+                logger.warning(
+                    "%s metrics not read within %.1fs; serving the last ones",
+                    self._name,
+                    self._timeout_s,
+                )
+                return self._last
+            if fresh is not None:
+                self._last = fresh
+                self._read_at = time.monotonic()
+            return self._last
+
+    async def _run(self) -> Sequence[Metric] | None:
+        return await self._read()
+
+
+def register(collector: Collector) -> Callable[[], None]:
+    """Adds ``collector`` to the exported metrics; returns what removes it."""
+    REGISTRY.register(collector)
+    return lambda: REGISTRY.unregister(collector)
