@@ -31,10 +31,12 @@ from envoy.type.v3 import (  # type: ignore[import-untyped]  # as above
 )
 from google.rpc import status_pb2
 
+from services.auth import metrics
 from services.auth.tokens import KeysUnavailable, TokenError, Verifier
 from services.auth.users import StoreError, UserStates
 from services.proto.janna.v1 import admin_pb2
-from services.runtime import errors
+from services.runtime import errors, logs
+from services.runtime.channels import REQUEST_ID_HEADER
 from services.runtime.identity import Caller
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,25 @@ def _deny(
     )
 
 
+def _with_request_id(
+    denial: external_auth_pb2.CheckResponse,
+) -> external_auth_pb2.CheckResponse:
+    """The refusal with the request's id in its body, when there is one.
+
+    Beside ``code``, ``message`` and ``details``, as ``requestId``: the
+    transcoder's shape, whose ErrorInfo stays exactly what the refusal was.
+    """
+    request_id = logs.REQUEST_ID.get()
+    if not request_id:
+        return denial
+    body = json.loads(denial.denied_response.body)
+    body["requestId"] = request_id
+    copy = external_auth_pb2.CheckResponse()
+    copy.CopyFrom(denial)
+    copy.denied_response.body = json.dumps(body, separators=(",", ":"))
+    return copy
+
+
 def _allow(caller: Caller) -> external_auth_pb2.CheckResponse:
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=grpc.StatusCode.OK.value[0]),
@@ -142,6 +163,11 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
         ],
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
+        # Envoy sends the request's id among the headers when its config lets
+        # it; the call's own metadata, which the access log read, has none.
+        request_id = http.headers.get(REQUEST_ID_HEADER, "")
+        if request_id:
+            logs.REQUEST_ID.set(request_id)
         # Never the query string: it is the client's, and may hold anything.
         where = f"{http.method} {http.path.partition('?')[0]}"
         try:
@@ -149,9 +175,11 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
             disabled = await self._states.disabled(caller)
         except TokenError as exc:
             logger.info("refused %s: %s", where, exc)
-            return UNAUTHENTICATED
+            metrics.DENIED.labels("UNAUTHENTICATED").inc()
+            return _with_request_id(UNAUTHENTICATED)
         except (KeysUnavailable, StoreError) as exc:
             logger.warning("cannot decide on %s: %s", where, exc)
+            metrics.DENIED.labels("AUTH_UNAVAILABLE").inc()
             await errors.abort(
                 context,
                 grpc.StatusCode.UNAVAILABLE,
@@ -160,8 +188,11 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
             )
         if disabled:
             logger.info("refused disabled user %s", caller.user_id)
-            return USER_DISABLED
+            metrics.DENIED.labels("USER_DISABLED").inc()
+            return _with_request_id(USER_DISABLED)
         if needs_admin(http.path) and not caller.is_admin:
             logger.info("refused non-admin %s on %s", caller.user_id, where)
-            return ADMIN_REQUIRED
+            metrics.DENIED.labels("ADMIN_REQUIRED").inc()
+            return _with_request_id(ADMIN_REQUIRED)
+        metrics.ALLOWED.inc()
         return _allow(caller)

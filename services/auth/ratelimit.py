@@ -29,6 +29,8 @@ from envoy.service.ratelimit.v3 import (  # type: ignore[import-untyped]  # as a
 )
 from redis.exceptions import RedisError
 
+from services.auth import metrics
+
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "ratelimit:ip:"
@@ -115,6 +117,7 @@ class IpRateLimiter:
         )
 
     def _fail_open(self, exc: RedisError) -> None:
+        metrics.IP_UNCOUNTED.inc()
         now = self._clock()
         if self._failing_since is None:
             self._failing_since = now
@@ -163,6 +166,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):
                 math.ceil(verdict.reset_s * 1000)
             )
             if not verdict.admitted:
+                metrics.IP_LIMITED.inc(hits)
                 status.code = over
                 reply.overall_code = over
                 retry_after_s = max(retry_after_s, verdict.reset_s)

@@ -20,6 +20,7 @@ from envoy.service.ratelimit.v3 import (  # type: ignore[import-untyped]  # as a
     rls_pb2_grpc,
 )
 
+from services.auth import metrics
 from services.auth.api import AuthService, UserAdmin
 from services.auth.authz import Authorization
 from services.auth.config import AuthConfig
@@ -29,6 +30,7 @@ from services.auth.users import UserStates, UserStore
 from services.edge.config import RATE_LIMIT_DOMAIN
 from services.proto.janna.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc
 from services.runtime import db, kv
+from services.runtime import metrics as exported
 from services.runtime.config import DatabaseConfig, Env, RedisConfig, ServerConfig
 from services.runtime.server import Servicer, Setup
 from services.runtime.server import main as serve_main
@@ -110,6 +112,9 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
     async def setup(resources: AsyncExitStack) -> Sequence[Servicer]:
         pool = await db.connect(database)
         resources.push_async_callback(pool.close)
+        resources.callback(
+            exported.register(metrics.user_counts(pool, asyncio.get_running_loop()))
+        )
         redis_client = kv.connect(redis_config)
         resources.push_async_callback(redis_client.aclose)
         # No redirects: the JWKS URL is configured exactly.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 
-from services.gateway import anthropic_chat, hub, openai_chat
+from services.gateway import anthropic_chat, exporter, hub, openai_chat
 from services.gateway.anthropic_chat import AnthropicChat
 from services.gateway.config import GatewayConfig
 from services.gateway.embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
@@ -28,6 +28,7 @@ from services.proto.janna.v1 import (
     gateway_pb2_grpc,
 )
 from services.runtime import kv
+from services.runtime import metrics as exported
 from services.runtime.config import Env, RedisConfig, ServerConfig
 from services.runtime.server import Servicer, Setup
 from services.runtime.server import main as serve_main
@@ -139,6 +140,9 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
         redis_client = kv.connect(redis_config)
         resources.push_async_callback(redis_client.aclose)
         gateway = await open_gateway(config, redis_client, resources)
+        resources.callback(
+            exported.register(exporter.collector(gateway, asyncio.get_running_loop()))
+        )
         return gateway.servicers()
 
     return server, setup
