@@ -6,10 +6,15 @@ import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
+import httpx
+
 from services.chat.config import ChatConfig
+from services.chat.metrics import TurnStats
+from services.chat.overview import MetricsAdminServicer
 from services.chat.ratelimit import ChatRateLimiter
 from services.chat.servicer import ChatServicer, RateLimitAdminServicer
 from services.chat.store import ConversationStore
+from services.chat.window import TurnWindow
 from services.proto.janna.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -20,7 +25,6 @@ from services.proto.janna.v1 import (
 )
 from services.runtime import channels, db, kv
 from services.runtime.config import Env, ServerConfig
-from services.runtime.pending import pending
 from services.runtime.server import Servicer, Setup
 from services.runtime.server import main as serve_main
 
@@ -44,6 +48,12 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
         rag = channels.connect(config.server.peers["rag"])
         resources.push_async_callback(rag.close)
 
+        # Only other services' metrics endpoints: no redirects, no proxies.
+        http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        resources.push_async_callback(http.aclose)
+        window = TurnWindow(redis)
+        resources.push_async_callback(window.aclose)
+
         limiter = ChatRateLimiter(redis, config.rate_limit_rpm, config.rate_window_s)
         chat = ChatServicer(
             config,
@@ -51,6 +61,7 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
             limiter,
             gateway_pb2_grpc.ModelGatewayStub(gateway),
             rag_pb2_grpc.RetrievalServiceStub(rag),
+            TurnStats(window),
         )
         return [
             Servicer(CHAT, chat, chat_pb2_grpc.add_ChatServiceServicer_to_server),
@@ -61,7 +72,9 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
             ),
             Servicer(
                 METRICS_ADMIN,
-                pending(admin_pb2_grpc.MetricsAdminServicer, METRICS_ADMIN),
+                MetricsAdminServicer(
+                    window, http, config.metrics_targets, config.scrape_timeout_s
+                ),
                 admin_pb2_grpc.add_MetricsAdminServicer_to_server,
             ),
         ]

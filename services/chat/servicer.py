@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeAlias
 
@@ -12,6 +13,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from services.chat import prompt
 from services.chat.config import ChatConfig
+from services.chat.metrics import TurnStats
 from services.chat.ratelimit import ChatRateLimiter, LimiterUnavailable
 from services.chat.store import (
     ConversationStore,
@@ -142,12 +144,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         limiter: ChatRateLimiter,
         gateway: gateway_pb2_grpc.ModelGatewayStub,
         retrieval: rag_pb2_grpc.RetrievalServiceStub,
+        stats: TurnStats,
     ) -> None:
         self._config = config
         self._store = store
         self._limiter = limiter
         self._gateway = gateway
         self._retrieval = retrieval
+        self._stats = stats
 
     async def _owned(
         self, caller: Caller, raw_id: str, context: Context
@@ -248,6 +252,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except LimiterUnavailable:
             # The limit protects paid models, so it fails closed.
             logger.warning("chat rate limiter unavailable; refusing the turn")
+            self._stats.rate_limited("RATE_LIMITER_UNAVAILABLE")
             await errors.abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -256,6 +261,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 metadata=(("retry-after", "5"),),
             )
         if not decision.allowed:
+            self._stats.rate_limited("RATE_LIMITED")
             await errors.abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -285,6 +291,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def StreamChat(
         self, request: chat_pb2.ChatTurnRequest, context: Context
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        # Time to first token is measured from here, as near to the user's
+        # click as this service sees it.
+        started = time.perf_counter()
         caller = await identity.caller(context)
         message = request.message.strip()
         if not message:
@@ -378,6 +387,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                         "model", f"{chosen.provider}:{chosen.model}", conversation_id
                     )
                 elif kind == "delta":
+                    if not answer:
+                        self._stats.first_token(time.perf_counter() - started)
                     answer.append(event.delta)
                     yield chat_pb2.ChatEvent(
                         type="token", token=chat_pb2.Token(text=event.delta)
@@ -395,6 +406,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             status = "stopped"
             raise
         finally:
+            self._stats.turn_ended(status)
             text = "".join(answer)
             cited, sources = (
                 citations_for(text, passages) if status == "complete" else ([], [])
