@@ -137,6 +137,9 @@ class Stack:
         env["JANNA_INGEST_WORKER_METRICS_ADDR"] = ",".join(
             f"127.0.0.1:{port}" for port in self.worker_metrics_ports
         )
+        # A worker a test starts from this environment takes any free port;
+        # the stack's own are given theirs by start_worker.
+        env["JANNA_INGEST_WORKER_METRICS_PORT"] = "0"
         env.update(self.settings.env)
         return env
 

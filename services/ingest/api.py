@@ -32,7 +32,7 @@ from services.proto.janna.v1 import (
     ingest_pb2,
     ingest_pb2_grpc,
 )
-from services.runtime import errors, identity
+from services.runtime import errors, identity, logs
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 if current is None:
                     raise NotFound
                 return current
-            await self._aws.send(self._aws.config.queue_url, job_body(started))
+            await self._aws.send(
+                self._aws.config.queue_url, job_body(started), logs.REQUEST_ID.get()
+            )
         logger.info("attachment %s queued for ingestion", started.id)
         return started
 
@@ -380,7 +382,7 @@ class QueueAdminServicer(admin_pb2_grpc.QueueAdminServicer):
             for message in batch:
                 # Sent before it is deleted: a crash in between leaves a
                 # duplicate, which the worker's idempotent write absorbs.
-                await self._aws.send(config.queue_url, message.body)
+                await self._aws.send(config.queue_url, message.body, message.request_id)
                 await self._aws.delete_message(config.dlq_url, message.receipt_handle)
                 count += 1
                 parsed = store.parse_id(_attachment_of(message))

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 AWS_ERRORS = (ClientError, BotoCoreError)
 """What a call to S3 or SQS raises when the service refuses or cannot be reached."""
 
+REQUEST_ID_ATTRIBUTE = "requestId"
+"""The message attribute that carries the id of the request that sent it."""
+
 _READ_CHUNK = 1024 * 1024
 _MISSING = ("NoSuchKey", "404", "NotFound")
 
@@ -52,6 +55,8 @@ class Message:
     body: str
     receive_count: int
     """How many times SQS has delivered it, this time included."""
+    request_id: str = ""
+    """The id of the request that sent it (the ``requestId`` attribute)."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,16 @@ class Aws:
 
     # --- SQS --------------------------------------------------------------
 
-    async def send(self, queue_url: str, body: str) -> str:
-        reply = await self._sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+    async def send(self, queue_url: str, body: str, request_id: str = "") -> str:
+        """Sends one message; ``request_id`` travels as its ``requestId``
+        attribute, so the job's log lines carry the id of the request that
+        caused it."""
+        args: dict[str, Any] = {"QueueUrl": queue_url, "MessageBody": body}
+        if request_id:
+            args["MessageAttributes"] = {
+                REQUEST_ID_ATTRIBUTE: {"DataType": "String", "StringValue": request_id}
+            }
+        reply = await self._sqs.send_message(**args)
         return str(reply["MessageId"])
 
     async def receive(
@@ -167,6 +180,7 @@ class Aws:
             "MaxNumberOfMessages": max(1, min(10, max_messages)),
             "WaitTimeSeconds": wait_s,
             "MessageSystemAttributeNames": ["ApproximateReceiveCount"],
+            "MessageAttributeNames": [REQUEST_ID_ATTRIBUTE],
         }
         if visibility_s is not None:
             args["VisibilityTimeout"] = visibility_s
@@ -178,6 +192,11 @@ class Aws:
                 body=m["Body"],
                 receive_count=int(
                     m.get("Attributes", {}).get("ApproximateReceiveCount", "1")
+                ),
+                request_id=str(
+                    m.get("MessageAttributes", {})
+                    .get(REQUEST_ID_ATTRIBUTE, {})
+                    .get("StringValue", "")
                 ),
             )
             for m in reply.get("Messages", [])

@@ -110,6 +110,9 @@ class WorkerConfig:
     tmp_dir: Path | None
     """``JANNA_WORKER_TMP_DIR``: where downloads are spooled; the system's
     temporary folder when unset."""
+    metrics_port: int = 9106
+    """``JANNA_INGEST_WORKER_METRICS_PORT``: the worker's Prometheus port, on
+    ``JANNA_METRICS_HOST`` (9106; 0 picks a free one)."""
 
     @classmethod
     def from_env(cls, env: Env) -> WorkerConfig:
@@ -128,6 +131,7 @@ class WorkerConfig:
             embed_backoff_s=env.number("JANNA_EMBED_BACKOFF_S", 1.0),
             embed_timeout_s=env.number("JANNA_EMBED_TIMEOUT_S", 60.0),
             tmp_dir=Path(tmp) if tmp else None,
+            metrics_port=env.integer("JANNA_INGEST_WORKER_METRICS_PORT", 9106),
         )
         if not 0 <= config.chunk_overlap < config.chunk_size:
             raise ConfigError("JANNA_CHUNK_OVERLAP must be below JANNA_CHUNK_SIZE")

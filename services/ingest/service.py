@@ -5,15 +5,18 @@ The queue worker is a separate process, ``python -m services.ingest.worker``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
+from services.ingest import metrics
 from services.ingest.api import INGEST_DESCRIPTOR, IngestServicer, QueueAdminServicer
 from services.ingest.aws import Aws
 from services.ingest.config import AwsConfig, UploadConfig
 from services.proto.janna.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2_grpc
 from services.runtime import db
+from services.runtime import metrics as exported
 from services.runtime.config import DatabaseConfig, Env, ServerConfig
 from services.runtime.server import Servicer, Setup
 from services.runtime.server import main as serve_main
@@ -33,6 +36,11 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
         pool = await db.connect(database)
         resources.push_async_callback(pool.close)
         aws = await resources.enter_async_context(Aws.connect(aws_config))
+        resources.callback(
+            exported.register(
+                metrics.queues_and_attachments(pool, aws, asyncio.get_running_loop())
+            )
+        )
         return [
             Servicer(
                 INGEST_DESCRIPTOR,

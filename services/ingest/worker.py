@@ -45,7 +45,7 @@ from pathlib import Path
 
 import asyncpg
 
-from services.ingest import chunking, files, parsing, store
+from services.ingest import chunking, files, metrics, parsing, store
 from services.ingest.aws import AWS_ERRORS, Aws, Message, ObjectMissing, ObjectTooLarge
 from services.ingest.config import AwsConfig, WorkerConfig
 from services.ingest.embedding import Embedder, EmbeddingFailed
@@ -53,6 +53,7 @@ from services.runtime import channels, db, logs
 from services.runtime.config import ConfigError, DatabaseConfig, Env, ServerConfig
 from services.runtime.db import SchemaError
 from services.runtime.identity import Caller
+from services.runtime.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -146,20 +147,25 @@ class Worker:
 
     async def handle(self, message: Message) -> None:
         """One delivery, start to end; never raises."""
+        # Each delivery runs in its own task: its lines, and its calls to the
+        # gateway, carry the id of the upload request that queued it.
+        logs.REQUEST_ID.set(message.request_id)
+        began = time.monotonic()
         job = self._job(message)
         if job is None:
             logger.warning("dropping malformed message %s", message.message_id)
             await self._delete(message)
+            metrics.job_ended("malformed", time.monotonic() - began)
             return
-        began = time.monotonic()
         deadline = asyncio.timeout(self._config.max_job_s)
         try:
             async with self._extended(message), deadline:
-                await self._process(job)
+                outcome = await self._process(job)
         except Permanent as exc:
             logger.info("attachment %s failed: %s", job.attachment_id, exc)
             await self._fail(job, str(exc))
             await self._delete(message)
+            metrics.job_ended("failed", time.monotonic() - began)
             return
         except Exception as exc:
             # Whatever else went wrong, this try failed and a later one may not.
@@ -174,12 +180,15 @@ class Worker:
             else:
                 logger.exception("attachment %s: unexpected error", job.attachment_id)
                 reason = "an internal error occurred"
-            await self._retry_later(job, reason, exc)
+            last = await self._retry_later(job, reason, exc)
+            outcome = "dead_lettered" if last else "retried"
+            metrics.job_ended(outcome, time.monotonic() - began)
             return
         logger.info(
             "attachment %s done in %.1fs", job.attachment_id, time.monotonic() - began
         )
         await self._delete(message)
+        metrics.job_ended(outcome, time.monotonic() - began)
 
     def _job(self, message: Message) -> Job | None:
         try:
@@ -212,7 +221,8 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _process(self, job: Job) -> None:
+    async def _process(self, job: Job) -> str:
+        """Ingests the attachment; returns ready, reused or nothing (no work)."""
         async with self._pool.acquire() as conn, conn.transaction():
             # The message is sent inside the transaction that marks the
             # attachment processing; the lock waits for that to commit.
@@ -221,7 +231,7 @@ class Worker:
                 # Deleted, done by an earlier delivery, or its completion
                 # rolled back: nothing to do.
                 logger.info("attachment %s needs no work", job.attachment_id)
-                return
+                return "nothing"
             await store.record_attempt(conn, attachment.id, job.message.receive_count)
         kind = files.type_of_mime(attachment.content_type)
         if kind is None:
@@ -239,7 +249,7 @@ class Worker:
             except ObjectTooLarge as exc:
                 raise Permanent("the file is larger than uploads may be") from exc
             if await self._reuse(attachment, download.sha256):
-                return
+                return "reused"
             parse_began = time.monotonic()
             try:
                 parsed = await _in_daemon_thread(
@@ -262,7 +272,7 @@ class Worker:
             locked = await store.lock(conn, attachment.id)
             if locked is None:
                 logger.info("attachment %s deleted during its job", attachment.id)
-                return
+                return "nothing"
             await store.replace_chunks(
                 conn, locked, rows, parsed.pages, download.sha256
             )
@@ -275,6 +285,10 @@ class Worker:
             embed_began - parse_began,
             time.monotonic() - embed_began,
         )
+        metrics.document_ingested(
+            parsed.pages, len(rows), time.monotonic() - parse_began
+        )
+        return "ready"
 
     async def _reuse(self, attachment: store.Attachment, content_hash: str) -> bool:
         """Copies the chunks of the same user's earlier upload of the same bytes."""
@@ -296,7 +310,8 @@ class Worker:
         )
         return True
 
-    async def _retry_later(self, job: Job, reason: str, exc: BaseException) -> None:
+    async def _retry_later(self, job: Job, reason: str, exc: BaseException) -> bool:
+        """Records the failed try; True when it was the last one."""
         tries = job.message.receive_count
         last = self._max_receives is not None and tries >= self._max_receives
         logger.warning(
@@ -329,6 +344,7 @@ class Worker:
             logger.warning(
                 "rescheduling %s failed: %s", job.message.message_id, aws_exc
             )
+        return last
 
     async def _fail(self, job: Job, reason: str) -> None:
         try:
@@ -406,6 +422,9 @@ async def run(
 
     await asyncio.to_thread(parsing.prepare)
     async with AsyncExitStack() as resources:
+        exporter = MetricsServer(server.metrics_host, config.metrics_port)
+        metrics_port = exporter.start()
+        resources.callback(exporter.stop)
         pool = await db.connect(database)
         resources.push_async_callback(pool.close)
         aws = await resources.enter_async_context(Aws.connect(aws_config))
@@ -420,10 +439,13 @@ async def run(
             max_receives,
         )
         logger.info(
-            "worker polling %s (dead-letters after %s receives, %d at a time)",
+            "worker polling %s (dead-letters after %s receives, %d at a time); "
+            "metrics on %s:%s",
             aws_config.queue_url.rsplit("/", 1)[-1],
             max_receives or "no",
             config.concurrency,
+            server.metrics_host,
+            metrics_port,
         )
         await worker.run(stop, server.grace_s)
     logger.info("worker stopped")
@@ -438,7 +460,7 @@ def main() -> int:
         aws_config = AwsConfig.from_env(env)
         config = WorkerConfig.from_env(env)
         asyncio.run(run(server, database, aws_config, config))
-    except (ConfigError, SchemaError, parsing.ParserUnavailable) as exc:
+    except (ConfigError, SchemaError, parsing.ParserUnavailable, OSError) as exc:
         logger.error("ingest worker cannot start: %s", exc)
         return 1
     return 0

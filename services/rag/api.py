@@ -16,7 +16,7 @@ from services.proto.janna.v1 import (
     rag_pb2,
     rag_pb2_grpc,
 )
-from services.rag import search
+from services.rag import metrics, search
 from services.rag.config import RetrievalConfig
 from services.runtime import errors, identity
 
@@ -126,13 +126,15 @@ class RetrievalServicer(rag_pb2_grpc.RetrievalServiceServicer):
             await errors.abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the database is unavailable"
             )
+        elapsed = time.perf_counter() - started
+        metrics.searched(elapsed, len(hits))
         logger.info(
             "search path=%s ef_search=%d searchable=%d hits=%d %.1fms",
             plan.path,
             plan.ef_search,
             plan.searchable,
             len(hits),
-            (time.perf_counter() - started) * 1000,
+            elapsed * 1000,
         )
         return rag_pb2.SearchResponse(
             chunks=[
