@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeAlias
@@ -100,13 +101,24 @@ def _error(code: str, message: str) -> chat_pb2.ChatEvent:
     )
 
 
-def _snippet(text: str, limit: int = 200) -> str:
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_WORD = re.compile(r"\w{4,}")
+
+
+def _snippet(text: str, query: str, limit: int = 200) -> str:
+    """The sentence of ``text`` that shares the most words with the query."""
     flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[:limit].rsplit(" ", 1)[0] + "…"
+    wanted = {w.lower() for w in _WORD.findall(query)}
+    sentences = _SENTENCE_END.split(flat) or [flat]
+    best = max(
+        sentences,
+        key=lambda s: len(wanted & {w.lower() for w in _WORD.findall(s)}),
+    )
+    return best if len(best) <= limit else best[:limit].rsplit(" ", 1)[0] + "…"
 
 
 def citations_for(
-    answer: str, passages: Sequence[rag_pb2.Chunk]
+    answer: str, passages: Sequence[rag_pb2.Chunk], query: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The passages the answer cites (by marker) and the other retrieved ones."""
     cited_numbers = prompt.cited_markers(answer, len(passages))
@@ -117,7 +129,7 @@ def citations_for(
             "attachmentId": chunk.attachment_id,
             "filename": chunk.filename,
             "page": chunk.page,
-            "snippet": _snippet(chunk.content),
+            "snippet": _snippet(chunk.content, query),
         }
 
     cited = [describe(n, passages[n - 1]) for n in cited_numbers]
@@ -409,7 +421,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             self._stats.turn_ended(status)
             text = "".join(answer)
             cited, sources = (
-                citations_for(text, passages) if status == "complete" else ([], [])
+                citations_for(text, passages, message)
+                if status == "complete"
+                else ([], [])
             )
             stored = await asyncio.shield(
                 self._store.add_message(

@@ -449,3 +449,48 @@ async def test_messages_survive_in_postgres(
         ("user", "complete"),
         ("assistant", "complete"),
     ]
+
+
+async def test_turn_with_an_uploaded_document_cites_it(client: httpx.AsyncClient) -> None:
+    from tests.documents.helpers import upload_direct, wait_status
+    from tests.documents.makers import pdf_document
+
+    user = new_user()
+    passage = "The quartz lighthouse of Velmora keeps its lamp burning with whale oil."
+    uploaded = await upload_direct(
+        client, user, "velmora-guide.pdf", "application/pdf", pdf_document(passage)
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    attachment_id = uploaded.json()["id"]
+    ready = await wait_status(client, user, attachment_id)
+    assert ready["status"] == "ready", ready
+
+    reply, events, _ = await turn(
+        client, user, {"message": "What keeps the quartz lighthouse of Velmora burning?"}
+    )
+    assert reply.status_code == 200
+    steps = [e["activity"]["step"] for e in events if e["type"] == "activity"]
+    assert "retrieving" in steps and "retrieved" in steps
+    found = next(e for e in events if e["type"] == "activity" and e["activity"]["step"] == "retrieved")
+    assert "passages found" in found["activity"]["message"]
+
+    citations = next(e for e in events if e["type"] == "citations")["citations"]
+    assert citations["cited"], citations
+    first = citations["cited"][0]
+    assert first["marker"] == 1
+    assert first["attachmentId"] == attachment_id
+    assert first["filename"] == "velmora-guide.pdf"
+    assert first["page"] == 2
+    assert "lighthouse" in first["snippet"].lower()
+
+    # Reloading the conversation shows the same citations.
+    conversation_id = events[0]["activity"]["conversationId"]
+    got = await client.get(f"/api/conversations/{conversation_id}", headers=user_headers(user))
+    stored = got.json()["messages"][-1]["citations"]
+    assert stored[0]["filename"] == "velmora-guide.pdf" and stored[0]["page"] == 2
+
+    # Without retrieval, the same question gets no citations.
+    _, plain, _ = await turn(
+        client, user, {"message": "What keeps the lighthouse burning?", "ragEnabled": False}
+    )
+    assert not any(e["type"] == "citations" for e in plain)
