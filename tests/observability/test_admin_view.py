@@ -34,6 +34,18 @@ async def test_the_view_gathers_every_section(
         "/api/chat/stream", json={"message": "for the view"}, headers=bearer(user)
     )
     assert reply.status_code == 200
+    # A search of its own: the turn's may have given up while the embedding
+    # model was still loading, and only answered searches are timed.
+    deadline = time.monotonic() + 60
+    searched = await client.post(
+        "/api/rag/search", json={"query": "anything"}, headers=bearer(user)
+    )
+    while searched.status_code != 200 and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        searched = await client.post(
+            "/api/rag/search", json={"query": "anything"}, headers=bearer(user)
+        )
+    assert searched.status_code == 200, searched.text
     await asyncio.sleep(0.5)
 
     view = await admin_view(client)
