@@ -269,9 +269,12 @@ def _ext_authz(settings: EdgeSettings) -> dict[str, Any]:
             # service answers 503, and never lets a request through.
             "failure_mode_allow": False,
             "status_on_error": {"code": "ServiceUnavailable"},
-            # The check needs only the credentials; the (gRPC) method and
-            # path travel in their own fields.
-            "allowed_headers": {"patterns": [{"exact": "authorization"}]},
+            # The check needs only the credentials, and the request's id for
+            # its log lines and refusals; the (gRPC) method and path travel in
+            # their own fields.
+            "allowed_headers": {
+                "patterns": [{"exact": "authorization"}, {"exact": "x-request-id"}]
+            },
         },
     }
 

@@ -451,7 +451,9 @@ async def test_messages_survive_in_postgres(
     ]
 
 
-async def test_turn_with_an_uploaded_document_cites_it(client: httpx.AsyncClient) -> None:
+async def test_turn_with_an_uploaded_document_cites_it(
+    client: httpx.AsyncClient,
+) -> None:
     from tests.documents.helpers import upload_direct, wait_status
     from tests.documents.makers import pdf_document
 
@@ -466,12 +468,18 @@ async def test_turn_with_an_uploaded_document_cites_it(client: httpx.AsyncClient
     assert ready["status"] == "ready", ready
 
     reply, events, _ = await turn(
-        client, user, {"message": "What keeps the quartz lighthouse of Velmora burning?"}
+        client,
+        user,
+        {"message": "What keeps the quartz lighthouse of Velmora burning?"},
     )
     assert reply.status_code == 200
     steps = [e["activity"]["step"] for e in events if e["type"] == "activity"]
     assert "retrieving" in steps and "retrieved" in steps
-    found = next(e for e in events if e["type"] == "activity" and e["activity"]["step"] == "retrieved")
+    found = next(
+        e
+        for e in events
+        if e["type"] == "activity" and e["activity"]["step"] == "retrieved"
+    )
     assert "passages found" in found["activity"]["message"]
 
     citations = next(e for e in events if e["type"] == "citations")["citations"]
@@ -485,12 +493,16 @@ async def test_turn_with_an_uploaded_document_cites_it(client: httpx.AsyncClient
 
     # Reloading the conversation shows the same citations.
     conversation_id = events[0]["activity"]["conversationId"]
-    got = await client.get(f"/api/conversations/{conversation_id}", headers=user_headers(user))
+    got = await client.get(
+        f"/api/conversations/{conversation_id}", headers=user_headers(user)
+    )
     stored = got.json()["messages"][-1]["citations"]
     assert stored[0]["filename"] == "velmora-guide.pdf" and stored[0]["page"] == 2
 
     # Without retrieval, the same question gets no citations.
     _, plain, _ = await turn(
-        client, user, {"message": "What keeps the lighthouse burning?", "ragEnabled": False}
+        client,
+        user,
+        {"message": "What keeps the lighthouse burning?", "ragEnabled": False},
     )
     assert not any(e["type"] == "citations" for e in plain)
