@@ -620,7 +620,11 @@ async def test_envoy_own_errors_are_json_too(client: httpx.AsyncClient) -> None:
 
     assert unknown.status_code == 404
     assert unknown.headers["content-type"] == "application/json"
-    assert unknown.json() == {"code": 5, "message": "no such route"}
+    assert unknown.json() == {
+        "code": 5,
+        "message": "no such route",
+        "requestId": unknown.headers["x-request-id"],
+    }
     assert unknown.headers["cache-control"] == "no-store"
     assert json_to_grpc_path.status_code == 404
     assert bad_json.status_code == 400

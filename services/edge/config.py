@@ -440,7 +440,12 @@ def _local_reply_config() -> dict[str, Any]:
     ]
     mappers = []
     for access_filter, code, message, reason in errors:
-        body: dict[str, Any] = {"code": code, "message": "%LOCAL_REPLY_BODY%"}
+        body: dict[str, Any] = {
+            "code": code,
+            "message": "%LOCAL_REPLY_BODY%",
+            # The id an operator greps the logs for, as in services' errors.
+            "requestId": "%REQ(X-REQUEST-ID)%",
+        }
         if reason is not None:
             body["details"] = [
                 {
