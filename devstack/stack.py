@@ -12,6 +12,7 @@ the reverse order, and leaves no process behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -266,10 +267,29 @@ class Stack:
         while time.monotonic() < deadline:
             self._check_alive()
             status, body = self.health()
-            if status == 200:
+            if status == 200 and self._edge_clusters_healthy():
                 return
             time.sleep(0.2)
         raise StackError(f"/health did not answer 200 in time: {status} {body}")
+
+    def _edge_clusters_healthy(self) -> bool:
+        """Whether Envoy's own health checks have admitted every upstream.
+
+        ``/health`` answering proves one path through the edge; the other
+        clusters are admitted by their first health check a moment later,
+        and until then their routes answer "no healthy upstream".
+        """
+        url = f"http://127.0.0.1:{self.edge_admin_port}/clusters?format=json"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as reply:
+                clusters = json.load(reply)["cluster_statuses"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return all(
+            not any(key.startswith("failed") for key in host["health_status"])
+            for cluster in clusters
+            for host in cluster.get("host_statuses", [])
+        )
 
     def _check_alive(self) -> None:
         workers = [(f"ingest-worker-{i}", p) for i, p in enumerate(self.workers)]
