@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +16,13 @@ import pytest_asyncio
 from devstack.stack import Stack
 from services.ingest.aws import Aws
 from services.proto.janna.v1 import gateway_pb2_grpc
-from tests.documents.helpers import FakeGateway, Queues, WorkerProcess, aws_clients
+from tests.documents.helpers import (
+    FakeGateway,
+    Queues,
+    WorkerProcess,
+    aws_clients,
+    private_queues,
+)
 
 
 @pytest.fixture
@@ -64,29 +69,8 @@ async def fake_gateway() -> AsyncIterator[tuple[FakeGateway, str]]:
 @pytest_asyncio.fixture
 async def queues(stack: Stack) -> AsyncIterator[Queues]:
     assert stack.addresses is not None
-    env = stack.addresses.as_env()
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    async with aws_clients(env, "", "") as bare:
-        sqs = bare._sqs
-        dlq = (await sqs.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
-        arn = (
-            await sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])
-        )["Attributes"]["QueueArn"]
-        queue = (
-            await sqs.create_queue(
-                QueueName=name,
-                Attributes={
-                    "VisibilityTimeout": "5",
-                    "RedrivePolicy": json.dumps(
-                        {"deadLetterTargetArn": arn, "maxReceiveCount": "3"}
-                    ),
-                },
-            )
-        )["QueueUrl"]
-    async with aws_clients(env, queue, dlq) as found:
-        yield Queues(found, queue, dlq)
-        for url in (queue, dlq):
-            await found._sqs.delete_queue(QueueUrl=url)
+    async with private_queues(stack.addresses.as_env(), "test") as queues:
+        yield queues
 
 
 @pytest.fixture

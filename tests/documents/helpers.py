@@ -296,3 +296,30 @@ async def attachment_row(
     row = await db.fetchrow("SELECT * FROM attachments WHERE id = $1", attachment_id)
     assert row is not None
     return row
+
+
+@contextlib.asynccontextmanager
+async def private_queues(env: dict[str, str], prefix: str) -> AsyncIterator[Queues]:
+    """A queue and its DLQ (redrive after 3 receives) for one test alone."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    async with aws_clients(env, "", "") as bare:
+        sqs = bare._sqs
+        dlq = (await sqs.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
+        arn = (
+            await sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])
+        )["Attributes"]["QueueArn"]
+        queue = (
+            await sqs.create_queue(
+                QueueName=name,
+                Attributes={
+                    "VisibilityTimeout": "5",
+                    "RedrivePolicy": json.dumps(
+                        {"deadLetterTargetArn": arn, "maxReceiveCount": "3"}
+                    ),
+                },
+            )
+        )["QueueUrl"]
+    async with aws_clients(env, queue, dlq) as found:
+        yield Queues(found, queue, dlq)
+        for url in (queue, dlq):
+            await found._sqs.delete_queue(QueueUrl=url)

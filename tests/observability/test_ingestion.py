@@ -23,6 +23,7 @@ from tests.documents.helpers import (
     WorkerProcess,
     attachment_row,
     aws_clients,
+    private_queues,
     stage,
     upload_direct,
     wait_for,
@@ -94,29 +95,8 @@ async def test_an_ingested_file_moves_the_worker_and_ingest_figures(
 async def queues(stack: Stack) -> AsyncIterator[Queues]:
     """A queue and DLQ (3 receives) of this test alone, on the stack's SQS."""
     assert stack.addresses is not None
-    env = stack.addresses.as_env()
-    name = f"obs-{uuid.uuid4().hex[:8]}"
-    async with aws_clients(env, "", "") as bare:
-        sqs = bare._sqs
-        dlq = (await sqs.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
-        arn = (
-            await sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])
-        )["Attributes"]["QueueArn"]
-        queue = (
-            await sqs.create_queue(
-                QueueName=name,
-                Attributes={
-                    "VisibilityTimeout": "5",
-                    "RedrivePolicy": json.dumps(
-                        {"deadLetterTargetArn": arn, "maxReceiveCount": "3"}
-                    ),
-                },
-            )
-        )["QueueUrl"]
-    async with aws_clients(env, queue, dlq) as found:
-        yield Queues(found, queue, dlq)
-        for url in (queue, dlq):
-            await found._sqs.delete_queue(QueueUrl=url)
+    async with private_queues(stack.addresses.as_env(), "obs") as queues:
+        yield queues
 
 
 @pytest_asyncio.fixture
