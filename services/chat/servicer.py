@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -45,6 +46,10 @@ UNAVAILABLE_MESSAGE = "AI service temporarily unavailable"
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
 MAX_TITLE_CHARS = 200
+DEFAULT_ROUTE = "chat"
+"""The gateway's route for a turn that names no model."""
+ROUTES_TTL_S = 60.0
+ROUTES_TIMEOUT_S = 1.0
 
 
 def _timestamp(value: Any) -> timestamp_pb2.Timestamp:
@@ -164,6 +169,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._gateway = gateway
         self._retrieval = retrieval
         self._stats = stats
+        self._routes: dict[str, str] = {}
+        self._routes_read_at = -math.inf
 
     async def _owned(
         self, caller: Caller, raw_id: str, context: Context
@@ -288,8 +295,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self,
         request: chat_pb2.ChatTurnRequest,
         metadata: tuple[tuple[str, str], ...],
-    ) -> list[rag_pb2.Chunk]:
-        reply = await self._retrieval.Search(
+    ) -> rag_pb2.SearchResponse:
+        reply: rag_pb2.SearchResponse = await self._retrieval.Search(
             rag_pb2.SearchRequest(
                 query=request.message,
                 limit=self._config.rag_limit,
@@ -298,7 +305,30 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             metadata=metadata,
             timeout=self._config.rag_timeout_s,
         )
-        return list(reply.chunks)
+        return reply
+
+    async def _first_choice(
+        self, model: str, metadata: tuple[tuple[str, str], ...]
+    ) -> str:
+        """The model a turn asking for ``model`` goes to first, to count tokens for.
+
+        ``model`` is a model, a route name, or empty for the gateway's default
+        route; the routes are asked of the gateway at most once a minute.
+        """
+        now = time.monotonic()
+        if now - self._routes_read_at > ROUTES_TTL_S:
+            try:
+                reply = await self._gateway.ListModels(
+                    gateway_pb2.ListModelsRequest(),
+                    metadata=metadata,
+                    timeout=ROUTES_TIMEOUT_S,
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("model routes unavailable: %s", exc.code())
+            else:
+                self._routes = {r.name: r.chain[0] for r in reply.routes if r.chain}
+            self._routes_read_at = now
+        return self._routes.get(model or DEFAULT_ROUTE, model)
 
     async def StreamChat(
         self, request: chat_pb2.ChatTurnRequest, context: Context
@@ -346,20 +376,31 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
         metadata = _forwarded(caller, context)
         passages: list[rag_pb2.Chunk] = []
+        # Unset, ragEnabled means "when there is something to search": the
+        # rag service answers at once, without embedding the message, when
+        # the caller has no ready document in scope.
         rag_enabled = request.rag_enabled if request.HasField("rag_enabled") else True
         if rag_enabled:
             yield _activity("retrieving", "searching your documents", conversation_id)
             try:
-                passages = await self._retrieve(request, metadata)
+                retrieved = await self._retrieve(request, metadata)
             except grpc.aio.AioRpcError as exc:
                 logger.warning("retrieval failed: %s", exc.code())
                 yield _activity(
                     "retrieved", "document search is unavailable", conversation_id
                 )
             else:
-                yield _activity(
-                    "retrieved", f"{len(passages)} passages found", conversation_id
-                )
+                passages = list(retrieved.chunks)
+                found = len(passages)
+                if retrieved.searchable_chunks == 0:
+                    yield _activity(
+                        "retrieved", "no ready documents to search", conversation_id
+                    )
+                else:
+                    noun = "passage" if found == 1 else "passages"
+                    yield _activity(
+                        "retrieved", f"{found} {noun} found", conversation_id
+                    )
 
         model = request.model
         messages, dropped = prompt.build(
@@ -367,7 +408,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             message,
             passages,
             self._config.history_max_tokens,
-            prompt.token_counter(model),
+            prompt.token_counter(await self._first_choice(model, metadata)),
         )
         if dropped:
             logger.info("history trimmed: %s earlier messages left out", dropped)

@@ -208,9 +208,14 @@ class ConversationStore:
                 input_tokens,
                 output_tokens,
             )
+            # A conversation made empty (POST /api/conversations without a
+            # title) is named by its first message, like one the turn makes.
             await conn.execute(
-                "UPDATE conversations SET updated_at = now() WHERE id = $1",
+                "UPDATE conversations SET updated_at = now(), title = CASE "
+                "WHEN $2::text IS NOT NULL AND title = '' THEN $2 ELSE title END "
+                "WHERE id = $1",
                 conversation_id,
+                title_from(content) if role == "user" else None,
             )
         assert row is not None
         return _message(row)

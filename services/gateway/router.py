@@ -239,19 +239,27 @@ class Router:
     async def _failed(
         self, route: str, ref: ModelRef, error: ProviderError, *, has_next: bool
     ) -> None:
+        fields = {"provider": ref.provider, "model": ref.model, "kind": error.kind}
         logger.warning(
             "provider error provider=%s model=%s kind=%s detail=%s",
             ref.provider,
             ref.model,
             error.kind,
             error.detail,
+            extra=fields,
         )
         self._count(ref, "error")
         self._metrics.inc(
             metrics.ERRORS, provider=ref.provider, model=ref.model, kind=error.kind
         )
         if has_next:
-            logger.warning("fallback route=%s from=%s kind=%s", route, ref, error.kind)
+            logger.warning(
+                "fallback route=%s from=%s kind=%s",
+                route,
+                ref,
+                error.kind,
+                extra={**fields, "route": route},
+            )
             self._metrics.inc(
                 metrics.FALLBACKS, route=route, provider=ref.provider, model=ref.model
             )

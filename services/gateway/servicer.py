@@ -41,7 +41,7 @@ from services.proto.janna.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
 )
-from services.runtime import errors
+from services.runtime import errors, identity
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,13 @@ class ModelGatewayServicer(gateway_pb2_grpc.ModelGatewayServicer):
                 routes=[EMBEDDINGS_ROUTE],
             )
         )
-        return gateway_pb2.ListModelsResponse(models=models)
+        routes = [
+            gateway_pb2.Route(
+                name=name, chain=[f"{ref.provider}:{ref.model}" for ref in chain]
+            )
+            for name, chain in self._config.routes.items()
+        ]
+        return gateway_pb2.ListModelsResponse(models=models, routes=routes)
 
 
 class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
@@ -221,6 +227,7 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
             admin_pb2.ClearModelHealthRequest, empty_pb2.Empty
         ],
     ) -> empty_pb2.Empty:
+        admin = await identity.admin(context)
         if not request.provider or not request.model:
             await errors.abort(
                 context,
@@ -237,6 +244,12 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
                 "the health cache (Redis) cannot be reached",
                 "HEALTH_CACHE_UNAVAILABLE",
             )
+        logger.info(
+            "model health cleared provider=%s model=%s by=%s",
+            request.provider,
+            request.model,
+            admin.user_id,
+        )
         return empty_pb2.Empty()
 
 

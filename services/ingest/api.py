@@ -9,6 +9,7 @@ and an unreachable database, bucket or queue is UNAVAILABLE.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -328,6 +329,50 @@ def _attachment_of(message: Message) -> str:
     return str(body.get("attachmentId", "")) if isinstance(body, dict) else ""
 
 
+async def peek_dead_letters(pool: asyncpg.Pool, aws: Aws) -> list[Message]:
+    """Up to ``DLQ_PEEK_MAX`` messages of the DLQ, left where they are.
+
+    Their attachments still ``processing`` are marked ``error`` on the way:
+    the queue dead-letters a message on its own when a worker died on the last
+    try, and nothing else would tell the attachment.
+    """
+    dlq = aws.config.dlq_url
+    # Reading hides what was read; each message is made visible again at
+    # once, so peeking never delays a redrive.
+    seen: dict[str, Message] = {}
+    try:
+        while len(seen) < DLQ_PEEK_MAX:
+            batch = await aws.receive(dlq, 10, 0, visibility_s=30)
+            fresh = [m for m in batch if m.message_id not in seen]
+            if not fresh:
+                break
+            seen.update((m.message_id, m) for m in batch)
+    finally:
+        for message in seen.values():
+            await aws.extend(dlq, message.receipt_handle, 0)
+    ids = [store.parse_id(_attachment_of(m)) for m in seen.values()]
+    found = [i for i in ids if i is not None]
+    if found:
+        async with pool.acquire() as conn:
+            marked = await store.dead_lettered(conn, found)
+        if marked:
+            logger.warning("%d dead-lettered attachments marked error", marked)
+    return list(seen.values())
+
+
+async def sweep_dead_letters(pool: asyncpg.Pool, aws: Aws, interval_s: float) -> None:
+    """Peeks the DLQ every ``interval_s``, so that no dead-lettered attachment
+    stays ``processing`` until an admin looks."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await peek_dead_letters(pool, aws)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the next sweep tries again
+            logger.warning("dlq sweep failed: %s", type(exc).__name__)
+
+
 class QueueAdminServicer(admin_pb2_grpc.QueueAdminServicer):
     """The runbook's DLQ inspection and "Start DLQ redrive", for admins."""
 
@@ -340,21 +385,8 @@ class QueueAdminServicer(admin_pb2_grpc.QueueAdminServicer):
         self, request: admin_pb2.GetDeadLettersRequest, context: Context
     ) -> admin_pb2.DeadLetters:
         await identity.admin(context)
-        dlq = self._aws.config.dlq_url
-        visible, in_flight = await self._aws.depth(dlq)
-        # Reading hides what was read; each message is made visible again at
-        # once, so listing never delays a redrive.
-        seen: dict[str, Message] = {}
-        try:
-            while len(seen) < DLQ_PEEK_MAX:
-                batch = await self._aws.receive(dlq, 10, 0, visibility_s=30)
-                fresh = [m for m in batch if m.message_id not in seen]
-                if not fresh:
-                    break
-                seen.update((m.message_id, m) for m in batch)
-        finally:
-            for message in seen.values():
-                await self._aws.extend(dlq, message.receipt_handle, 0)
+        visible, in_flight = await self._aws.depth(self._aws.config.dlq_url)
+        letters = await peek_dead_letters(self._pool, self._aws)
         return admin_pb2.DeadLetters(
             depth=visible + in_flight,
             messages=[
@@ -363,7 +395,7 @@ class QueueAdminServicer(admin_pb2_grpc.QueueAdminServicer):
                     attachment_id=_attachment_of(m),
                     receive_count=m.receive_count,
                 )
-                for m in seen.values()
+                for m in letters
             ],
         )
 

@@ -51,7 +51,7 @@ class AwsConfig:
 
 @dataclass(frozen=True)
 class UploadConfig:
-    """Limits of the upload calls."""
+    """Limits of the upload calls, and how often the service checks the DLQ."""
 
     max_bytes: int
     """``JANNA_UPLOAD_MAX_BYTES``: largest file by pre-signed upload (50 MiB)."""
@@ -60,6 +60,10 @@ class UploadConfig:
     edge must admit a body this large, see docs/documents.md."""
     url_expiry_s: int
     """``JANNA_UPLOAD_URL_EXPIRY_S``: how long a pre-signed PUT URL is valid."""
+    dlq_sweep_s: float = 60.0
+    """``JANNA_INGEST_DLQ_SWEEP_S``: how often the service looks in the DLQ for
+    attachments still ``processing`` (their worker died on the last try) and
+    marks them ``error`` (60)."""
 
     @classmethod
     def from_env(cls, env: Env) -> UploadConfig:
@@ -67,9 +71,12 @@ class UploadConfig:
             max_bytes=env.integer("JANNA_UPLOAD_MAX_BYTES", 50 * MIB),
             direct_max_bytes=env.integer("JANNA_DIRECT_UPLOAD_MAX_BYTES", 10 * MIB),
             url_expiry_s=env.integer("JANNA_UPLOAD_URL_EXPIRY_S", 900),
+            dlq_sweep_s=env.number("JANNA_INGEST_DLQ_SWEEP_S", 60.0),
         )
         if config.max_bytes <= 0 or config.direct_max_bytes <= 0:
             raise ConfigError("upload limits must be positive")
+        if config.dlq_sweep_s <= 0:
+            raise ConfigError("JANNA_INGEST_DLQ_SWEEP_S must be positive")
         return config
 
 

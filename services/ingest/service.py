@@ -6,12 +6,18 @@ The queue worker is a separate process, ``python -m services.ingest.worker``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
 from services.ingest import metrics
-from services.ingest.api import INGEST_DESCRIPTOR, IngestServicer, QueueAdminServicer
+from services.ingest.api import (
+    INGEST_DESCRIPTOR,
+    IngestServicer,
+    QueueAdminServicer,
+    sweep_dead_letters,
+)
 from services.ingest.aws import Aws
 from services.ingest.config import AwsConfig, UploadConfig
 from services.proto.janna.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2_grpc
@@ -24,6 +30,12 @@ from services.runtime.server import main as serve_main
 logger = logging.getLogger(__name__)
 
 QUEUE_ADMIN = admin_pb2.DESCRIPTOR.services_by_name["QueueAdmin"]
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def build(env: Env) -> tuple[ServerConfig, Setup]:
@@ -41,6 +53,10 @@ def build(env: Env) -> tuple[ServerConfig, Setup]:
                 metrics.queues_and_attachments(pool, aws, asyncio.get_running_loop())
             )
         )
+        sweeper = asyncio.create_task(
+            sweep_dead_letters(pool, aws, uploads.dlq_sweep_s), name="dlq-sweep"
+        )
+        resources.push_async_callback(_stop, sweeper)
         return [
             Servicer(
                 INGEST_DESCRIPTOR,

@@ -190,6 +190,20 @@ async def fail(conn: Conn, attachment_id: uuid.UUID, message: str) -> None:
     )
 
 
+async def dead_lettered(conn: Conn, attachment_ids: Sequence[uuid.UUID]) -> int:
+    """Attachments whose messages reached the DLQ while still processing (the
+    worker died on its last try, so nobody marked them): now in error."""
+    status: str = await conn.execute(
+        """UPDATE attachments
+           SET status = 'error', updated_at = now(),
+               error = 'processing failed repeatedly. '
+                       'An administrator can retry it from the dead-letter queue.'
+           WHERE id = ANY($1::uuid[]) AND status = 'processing'""",
+        list(attachment_ids),
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
 async def requeued(conn: Conn, attachment_ids: Sequence[uuid.UUID]) -> None:
     """Attachments whose messages were redriven are processing again."""
     await conn.execute(

@@ -98,10 +98,22 @@ class RetrievalServicer(rag_pb2_grpc.RetrievalServiceServicer):
         started = time.perf_counter()
         try:
             query, limit, ids = _request(request)
+            async with self._pool.acquire() as conn:
+                searchable = await search.searchable_chunks(conn, caller.user_id, ids)
+            if searchable == 0:
+                # Nothing to search: no query embedding, no model call.
+                metrics.searched(time.perf_counter() - started, 0)
+                return rag_pb2.SearchResponse()
             embedding = await self._embed(query, caller)
             async with self._pool.acquire() as conn:
                 hits, plan = await search.search(
-                    conn, caller.user_id, embedding, limit, ids, self._config
+                    conn,
+                    caller.user_id,
+                    embedding,
+                    limit,
+                    ids,
+                    self._config,
+                    searchable,
                 )
         except BadRequest as exc:
             await errors.abort(
@@ -147,5 +159,6 @@ class RetrievalServicer(rag_pb2_grpc.RetrievalServiceServicer):
                     score=h.score,
                 )
                 for h in hits
-            ]
+            ],
+            searchable_chunks=plan.searchable,
         )

@@ -142,9 +142,15 @@ async def search(
     limit: int,
     attachment_ids: Sequence[uuid.UUID] | None,
     config: RetrievalConfig,
+    searchable: int | None = None,
 ) -> tuple[list[Hit], Plan]:
-    """The ``limit`` chunks nearest to ``embedding`` that the user may see."""
-    searchable = await searchable_chunks(conn, user_id, attachment_ids)
+    """The ``limit`` chunks nearest to ``embedding`` that the user may see.
+
+    ``searchable`` is :func:`searchable_chunks` when the caller has counted
+    them already.
+    """
+    if searchable is None:
+        searchable = await searchable_chunks(conn, user_id, attachment_ids)
     if searchable == 0:
         return [], Plan("exact", 0, 0)
     plan = choose(searchable, await table_rows(conn), limit, config)

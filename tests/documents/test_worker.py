@@ -21,7 +21,7 @@ import httpx
 import pytest_asyncio
 
 from devstack.stack import Stack
-from services.ingest.api import QueueAdminServicer
+from services.ingest.api import QueueAdminServicer, _attachment_of, peek_dead_letters
 from services.ingest.aws import Aws
 from services.proto.janna.v1 import admin_pb2, admin_pb2_grpc
 from tests.documents import makers
@@ -186,6 +186,38 @@ async def test_three_failures_dead_letter_then_redrive_processes_it(
     await wait_for(ready, 60)
     assert (await attachment_row(db, attachment_id))["error"] == ""
     assert await queues.aws.depth(queues.dlq_url) == (0, 0)
+
+
+async def test_a_dead_letter_of_a_job_that_died_on_its_last_try_is_an_error(
+    queues: Queues, db: asyncpg.Connection, user: str, database_url: str
+) -> None:
+    # A worker killed on the third try leaves the attachment processing, and
+    # the queue moves the message to the DLQ on its own.
+    attachment_id = await stage(db, queues, user, "a.txt", "text/plain", TEXT)
+    other = await stage(db, queues, user, "b.txt", "text/plain", TEXT)
+    for staged in (attachment_id, other):
+        body = json.dumps({"attachmentId": str(staged), "userId": user})
+        await queues.aws.send(queues.dlq_url, body)
+    await db.execute(
+        "UPDATE attachments SET status = 'ready', error = '' WHERE id = $1", other
+    )
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        letters = await peek_dead_letters(pool, queues.aws)
+    finally:
+        await pool.close()
+
+    assert sorted(_attachment_of(m) for m in letters) == sorted(
+        [str(attachment_id), str(other)]
+    )
+    row = await attachment_row(db, attachment_id)
+    assert row["status"] == "error"
+    assert "dead-letter queue" in row["error"]
+    # A dead letter of an attachment that is fine is left alone...
+    assert (await attachment_row(db, other))["status"] == "ready"
+    # ...and peeking leaves every message in the DLQ for a redrive.
+    assert (await queues.aws.depth(queues.dlq_url))[0] == 2
 
 
 async def test_a_worker_killed_mid_job_completes_it_once_after_restart(

@@ -6,6 +6,7 @@ user message:
 
 - contains ``midstream-fail``: three tokens, then the connection is cut;
 - contains ``slow-answer``: many tokens, 0.25 s apart (for disconnects);
+- contains ``slow-start``: the short answer after ``SLOW_START_S`` of silence;
 - otherwise: a short answer, 0.15 s between tokens; when the system prompt
   carries numbered passages, the answer cites ``[1]``.
 
@@ -24,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 TOKEN_DELAY_S = 0.15
+SLOW_START_S = 1.5
 
 
 class FakeOpenAI:
@@ -131,6 +133,8 @@ class FakeOpenAI:
             return f"data: {json.dumps(payload)}\n\n".encode()
 
         try:
+            if "slow-start" in last:
+                await asyncio.sleep(SLOW_START_S)
             await response.write(chunk({"role": "assistant", "content": ""}))
             for index, token in enumerate(tokens):
                 await asyncio.sleep(delay)

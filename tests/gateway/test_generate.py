@@ -33,6 +33,7 @@ HEALTH_LOCAL = f"health:local:{LOCAL}"
 HEALTH_OPENAI = f"health:openai:{OPENAI}"
 HEALTH_CLAUDE = f"health:anthropic:{CLAUDE}"
 HANG_LIMIT_S = "1"
+ADMIN_METADATA = (("x-user-id", "admin"), ("x-user-groups", "admin"))
 """The TTFT limit where a fake hangs: short, but far above a fake's answer."""
 
 
@@ -309,8 +310,17 @@ async def test_clear_model_health_makes_a_model_eligible(
     await kv_client.set(HEALTH_LOCAL, "0", ex=30)
     running = await start_gateway(JANNA_MODEL_ROUTES=CHAIN)
 
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.admin.ClearModelHealth(
+            admin_pb2.ClearModelHealthRequest(provider="local", model=LOCAL),
+            metadata=(("x-user-id", "u1"),),
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await kv_client.get(HEALTH_LOCAL) == "0"
+
     await running.admin.ClearModelHealth(
-        admin_pb2.ClearModelHealthRequest(provider="local", model=LOCAL)
+        admin_pb2.ClearModelHealthRequest(provider="local", model=LOCAL),
+        metadata=ADMIN_METADATA,
     )
 
     assert await kv_client.get(HEALTH_LOCAL) is None
@@ -319,7 +329,8 @@ async def test_clear_model_health_makes_a_model_eligible(
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await running.admin.ClearModelHealth(
-            admin_pb2.ClearModelHealthRequest(provider="local")
+            admin_pb2.ClearModelHealthRequest(provider="local"),
+            metadata=ADMIN_METADATA,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -473,7 +484,8 @@ async def test_serves_without_redis(
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await running.admin.ClearModelHealth(
-            admin_pb2.ClearModelHealthRequest(provider="local", model=LOCAL)
+            admin_pb2.ClearModelHealthRequest(provider="local", model=LOCAL),
+            metadata=ADMIN_METADATA,
         )
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 

@@ -107,8 +107,18 @@ class ModelInfo(_message.Message):
     routes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, provider: _Optional[str] = ..., model: _Optional[str] = ..., health: _Optional[str] = ..., routes: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Route(_message.Message):
+    __slots__ = ("name", "chain")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    chain: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., chain: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "routes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12janna/v1/rag.proto\x12\x08janna.v1\x1a\x1cgoogle/api/annotations.proto\"E\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x16\n\x0e\x61ttachment_ids\x18\x03 \x03(\t\"p\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x15\n\rattachment_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x0c\n\x04page\x18\x04 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\"1\n\x0eSearchResponse\x12\x1f\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x0f.janna.v1.Chunk2k\n\x10RetrievalService\x12W\n\x06Search\x12\x17.janna.v1.SearchRequest\x1a\x18.janna.v1.SearchResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/rag/search:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12janna/v1/rag.proto\x12\x08janna.v1\x1a\x1cgoogle/api/annotations.proto\"E\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x16\n\x0e\x61ttachment_ids\x18\x03 \x03(\t\"p\n\x05\x43hunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x15\n\rattachment_id\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x0c\n\x04page\x18\x04 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\"L\n\x0eSearchResponse\x12\x1f\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x0f.janna.v1.Chunk\x12\x19\n\x11searchable_chunks\x18\x02 \x01(\x03\x32k\n\x10RetrievalService\x12W\n\x06Search\x12\x17.janna.v1.SearchRequest\x1a\x18.janna.v1.SearchResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/rag/search:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_start=133
   _globals['_CHUNK']._serialized_end=245
   _globals['_SEARCHRESPONSE']._serialized_start=247
-  _globals['_SEARCHRESPONSE']._serialized_end=296
-  _globals['_RETRIEVALSERVICE']._serialized_start=298
-  _globals['_RETRIEVALSERVICE']._serialized_end=405
+  _globals['_SEARCHRESPONSE']._serialized_end=323
+  _globals['_RETRIEVALSERVICE']._serialized_start=325
+  _globals['_RETRIEVALSERVICE']._serialized_end=432
 # @@protoc_insertion_point(module_scope)

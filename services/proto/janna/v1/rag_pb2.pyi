@@ -34,7 +34,9 @@ class Chunk(_message.Message):
     def __init__(self, chunk_id: _Optional[str] = ..., attachment_id: _Optional[str] = ..., filename: _Optional[str] = ..., page: _Optional[int] = ..., content: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "searchable_chunks")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHABLE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
-    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+    searchable_chunks: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., searchable_chunks: _Optional[int] = ...) -> None: ...
