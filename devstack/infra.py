@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import platform
+import random
 import re
 import shlex
 import signal
@@ -127,12 +128,29 @@ class InfraAddresses:
         )
 
 
+# Ports handed to processes are drawn below Linux's ephemeral range (32768 and
+# up), where the kernel picks the local ports of outgoing connections: a port
+# found free there can be taken by any client socket before the process that
+# was given it binds it.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, and not handed out
+    before by this process."""
+    for _ in range(200):
+        port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((_HOST, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 class Infra:

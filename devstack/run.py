@@ -13,24 +13,45 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from devstack.stack import ROOT, Stack, StackError, StackSettings
+from services.runtime.config import DEFAULT_PORTS
 
 logger = logging.getLogger(__name__)
 
 # JANNA_STACK_DIR moves the whole stack's files (data, logs, lock) elsewhere.
 DATA_ROOT = Path(os.environ.get("JANNA_STACK_DIR", ROOT / ".janna")).resolve()
 
-# Settings a developer may export before `make run`; passed to every service.
-PASSED_THROUGH = (
-    "FRONTEND_URL",
-    "RATE_LIMIT_CHAT_RPM",
-    "OPENAI_API_KEY",
-    "ANTHROPIC_API_KEY",
-    "JANNA_LOG_FORMAT",
-    "JANNA_LOG_LEVEL",
-)
+# Every JANNA_* setting a developer exports before `make run` reaches the
+# services (JANNA_MODEL_ROUTES, JANNA_LOCAL_BASE_URL, ...), except these,
+# which the stack decides: where things are, and development mode.
+STACK_OWNED = ("JANNA_STACK_DIR", "JANNA_ENV", "JANNA_DATA_DIR", "JANNA_GRPC_HOST")
+STACK_OWNED_SUFFIXES = ("_PORT", "_ADDR")
+
+
+def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
+    """The developer's own settings, for every service."""
+    return {
+        key: value
+        for key, value in environ.items()
+        if key.startswith("JANNA_")
+        and key not in STACK_OWNED
+        and not key.endswith(STACK_OWNED_SUFFIXES)
+    }
+
+
+def ports(environ: Mapping[str, str]) -> dict[str, int]:
+    """The edge's and services' ports: JANNA_EDGE_PORT, JANNA_CHAT_PORT, ...
+    when exported, else the usual ones."""
+    found = {
+        "edge": int(environ.get("JANNA_EDGE_PORT", "3001")),
+        "edge_admin": int(environ.get("JANNA_EDGE_ADMIN_PORT", "9901")),
+    }
+    for name, port in DEFAULT_PORTS.items():
+        found[name] = int(environ.get(f"JANNA_{name.upper()}_PORT", str(port)))
+    return found
 
 
 def _port_free(port: int) -> bool:
@@ -86,9 +107,17 @@ def main() -> int:
 
     # The stores take their usual ports when they are free, so that the
     # runbook's `redis-cli` and `psql` lines work without flags.
+    try:
+        chosen = ports(os.environ)
+    except ValueError:
+        print("cannot start: a JANNA_*_PORT is not a number", file=sys.stderr)
+        return 1
     settings = StackSettings(
         root=DATA_ROOT,
-        env={k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
+        env=passed_through(os.environ),
+        edge_port=chosen["edge"],
+        edge_admin_port=chosen["edge_admin"],
+        service_ports={name: chosen[name] for name in DEFAULT_PORTS},
         postgres_port=_usual_or_any(5432),
         redis_port=_usual_or_any(6379),
         aws_port=_usual_or_any(4566),

@@ -18,7 +18,7 @@ HISTORY_TOKENS = 300
 
 @pytest.fixture(scope="session")
 def fake_openai() -> Iterator[FakeOpenAI]:
-    """The model provider the stack's gateway talks to (the one allowed fake)."""
+    """The OpenAI API the stack's gateway talks to, on the real wire format."""
     server = FakeOpenAI().start()
     yield server
     server.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from devstack.infra import free_port as _free_port
 from services.edge.config import (
     MESH_CLUSTER,
     SERVICE_OWNERS,
@@ -64,13 +64,6 @@ def descriptor() -> Path:
     if not DESCRIPTOR.exists():
         subprocess.run([sys.executable, "protos/build.py"], cwd=ROOT, check=True)
     return DESCRIPTOR
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _settings(descriptor: Path, upstream_port: int, log: Path) -> EdgeSettings:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from devstack.infra import free_port as _free_port
 from devstack.stack import ROOT, Stack, StackSettings
 from services.proto.janna.v1 import mesh_pb2, mesh_pb2_grpc
 from services.runtime.config import SERVICE_NAMES
@@ -168,12 +173,6 @@ async def test_sigterm_lets_an_inflight_call_finish(
         hole.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_stopping_the_stack_leaves_no_process(tmp_path: Path) -> None:
     settings = StackSettings(
         root=tmp_path,
@@ -217,7 +216,7 @@ def test_second_run_says_one_is_running(tmp_path: Path) -> None:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = subprocess.run(
             [sys.executable, "-m", "devstack"],
-            env={**__import__("os").environ, "JANNA_STACK_DIR": str(tmp_path)},
+            env={**os.environ, "JANNA_STACK_DIR": str(tmp_path)},
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -225,3 +224,66 @@ def test_second_run_says_one_is_running(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert "already running (pid 4242)" in result.stderr
+
+
+def test_make_run_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    ports = {"JANNA_EDGE_PORT": _free_port(), "JANNA_EDGE_ADMIN_PORT": _free_port()}
+    ports.update({f"JANNA_{name.upper()}_PORT": _free_port() for name in SERVICE_NAMES})
+    env = {
+        **os.environ,
+        **{key: str(port) for key, port in ports.items()},
+        "JANNA_STACK_DIR": str(tmp_path),
+        # A developer's own setting, which must reach the services.
+        "JANNA_CHAT_MAX_MESSAGE_CHARS": "50",
+        "OPENAI_API_KEY": "sk-unused",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "JANNA_EMBEDDINGS_PROVIDER": "embedded",
+    }
+    run = subprocess.Popen(
+        [sys.executable, "-m", "devstack"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in run.stdout or ()], daemon=True
+    ).start()
+    printed: list[str] = []
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("Ctrl-C stops everything" in line for line in printed):
+            assert run.poll() is None, "".join(printed)
+            assert time.monotonic() < deadline, "".join(printed)
+            with contextlib.suppress(queue.Empty):
+                printed.append(lines.get(timeout=1))
+        edge = f"http://127.0.0.1:{ports['JANNA_EDGE_PORT']}"
+        assert f"running at http://localhost:{ports['JANNA_EDGE_PORT']}" in "".join(
+            printed
+        )
+        assert "DATABASE_URL=" in (tmp_path / "stack.env").read_text()
+        assert httpx.get(f"{edge}/health", timeout=10).status_code == 200
+        refused = httpx.post(
+            f"{edge}/api/chat/stream",
+            json={"message": "x" * 60},
+            headers={"Authorization": "Bearer dev:u1:test@dev.local"},
+            timeout=10,
+        )
+        assert refused.status_code == 400
+        assert "longer than 50 characters" in refused.json()["message"]
+        started = psutil.Process(run.pid).children(recursive=True)
+        assert len(started) >= 8  # five services, Envoy, Postgres, Valkey, moto
+    finally:
+        run.send_signal(signal.SIGINT)
+        assert run.wait(60) == 0
+    deadline = time.monotonic() + 10
+    alive = started
+    while alive and time.monotonic() < deadline:
+        alive = [
+            p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
+        time.sleep(0.2)
+    assert not alive, alive

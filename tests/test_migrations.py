@@ -8,7 +8,14 @@ import uuid
 import asyncpg
 import pytest
 
-from services.runtime.db import SchemaError, check_schema, migrate, migrations
+from services.runtime.config import ConfigError, DatabaseConfig, Env
+from services.runtime.db import (
+    SchemaError,
+    check_schema,
+    connect,
+    migrate,
+    migrations,
+)
 
 
 @pytest.fixture
@@ -93,3 +100,35 @@ async def test_runbook_sql_runs(database_url: str) -> None:
         # Aurora); the migration enables it wherever the module exists.
     finally:
         await conn.close()
+
+
+async def _named_statements(config: DatabaseConfig) -> int:
+    pool = await connect(config)
+    try:
+        async with pool.acquire() as conn:
+            await conn.fetchval(
+                "SELECT count(*) FROM attachments WHERE size_bytes > $1", 0
+            )
+            named: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '%asyncpg%'"
+            )
+            return named
+    finally:
+        await pool.close()
+
+
+async def test_pool_without_statement_cache_for_transaction_poolers(
+    scratch_db: str,
+) -> None:
+    await migrate(scratch_db, 384)
+    cached = DatabaseConfig.from_env(Env({"DATABASE_URL": scratch_db}))
+    assert await _named_statements(cached) > 0
+    # Named statements are what a transaction pooler cannot carry over.
+    uncached = DatabaseConfig.from_env(
+        Env({"DATABASE_URL": scratch_db, "JANNA_DB_STATEMENT_CACHE_SIZE": "0"})
+    )
+    assert await _named_statements(uncached) == 0
+    with pytest.raises(ConfigError):
+        DatabaseConfig.from_env(
+            Env({"DATABASE_URL": scratch_db, "JANNA_DB_STATEMENT_CACHE_SIZE": "-1"})
+        )

@@ -144,18 +144,25 @@ class DatabaseConfig:
     """``JANNA_DB_POOL_MIN``: connections kept open."""
     pool_max: int
     """``JANNA_DB_POOL_MAX``: the most connections one process opens."""
+    statement_cache_size: int = 100
+    """``JANNA_DB_STATEMENT_CACHE_SIZE``: prepared statements asyncpg keeps per
+    connection; 0 behind PgBouncer in transaction mode."""
 
     @classmethod
     def from_env(cls, env: Env) -> DatabaseConfig:
         url = env.optional("DATABASE_URL")
         if url is None:
             raise ConfigError("DATABASE_URL is not set")
-        return cls(
+        config = cls(
             url=url,
             embedding_dim=env.integer("JANNA_EMBEDDING_DIM", 384),
             pool_min=env.integer("JANNA_DB_POOL_MIN", 1),
             pool_max=env.integer("JANNA_DB_POOL_MAX", 10),
+            statement_cache_size=env.integer("JANNA_DB_STATEMENT_CACHE_SIZE", 100),
         )
+        if config.statement_cache_size < 0:
+            raise ConfigError("JANNA_DB_STATEMENT_CACHE_SIZE must not be negative")
+        return config
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,10 @@ async def check_schema(pool: asyncpg.Pool, embedding_dim: int) -> None:
 async def connect(config: DatabaseConfig) -> asyncpg.Pool:
     """Opens the pool and checks the schema before any request is served."""
     pool = await asyncpg.create_pool(
-        config.url, min_size=config.pool_min, max_size=config.pool_max
+        config.url,
+        min_size=config.pool_min,
+        max_size=config.pool_max,
+        statement_cache_size=config.statement_cache_size,
     )
     try:
         await check_schema(pool, config.embedding_dim)

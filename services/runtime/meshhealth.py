@@ -13,13 +13,30 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.proto.janna.v1 import mesh_pb2, mesh_pb2_grpc
+from services.proto.janna.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    mesh_pb2,
+    mesh_pb2_grpc,
+)
 from services.runtime import channels, errors
 from services.runtime.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
 PEER_TIMEOUT_S = 1.0
+
+
+async def warming_models(channel: grpc.aio.Channel) -> list[str]:
+    """The gateway's models still loading, as ``provider:model``; none when the
+    gateway does not answer (its state says so)."""
+    try:
+        reply = await gateway_pb2_grpc.ModelGatewayStub(channel).ListModels(
+            gateway_pb2.ListModelsRequest(), timeout=PEER_TIMEOUT_S
+        )
+    except grpc.aio.AioRpcError:
+        return []
+    return [f"{m.provider}:{m.model}" for m in reply.models if m.health == "warming"]
 
 
 class MeshHealthServicer(mesh_pb2_grpc.MeshHealthServicer):
@@ -33,6 +50,12 @@ class MeshHealthServicer(mesh_pb2_grpc.MeshHealthServicer):
             channel = channels.connect(self._config.peers[peer])
             self._channels[peer] = channel
         return channel
+
+    async def _detail(self, peer: str) -> str:
+        if peer != "gateway":
+            return ""
+        found = await warming_models(self._channel(peer))
+        return f"warming: {', '.join(found)}" if found else ""
 
     async def _state(self, peer: str) -> str:
         if peer == self._config.name:
@@ -58,11 +81,14 @@ class MeshHealthServicer(mesh_pb2_grpc.MeshHealthServicer):
         ],
     ) -> mesh_pb2.MeshHealthReport:
         peers = list(self._config.peers)
-        states = await asyncio.gather(*(self._state(p) for p in peers))
+        states, details = await asyncio.gather(
+            asyncio.gather(*(self._state(p) for p in peers)),
+            asyncio.gather(*(self._detail(p) for p in peers)),
+        )
         report = mesh_pb2.MeshHealthReport(
             services=[
-                mesh_pb2.ServiceState(service=p, state=s)
-                for p, s in zip(peers, states, strict=True)
+                mesh_pb2.ServiceState(service=p, state=s, detail=d)
+                for p, s, d in zip(peers, states, details, strict=True)
             ],
             down=[p for p, s in zip(peers, states, strict=True) if s != "SERVING"],
         )

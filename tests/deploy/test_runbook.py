@@ -40,7 +40,7 @@ import httpx
 import pytest
 
 from devstack.stack import Stack
-from services.runtime.config import DEFAULT_PORTS
+from services.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from tests.deploy.drift import ROOT
 
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
@@ -64,7 +64,7 @@ _MARKED = re.compile(
     re.S,
 )
 _EXPECT = re.compile(r'expect="(?P<regex>(?:[^"\\]|\\.)*)"')
-_UNMAPPED = re.compile(r"localhost:(3001|9901|5005\d)|\.janna/")
+_UNMAPPED = re.compile(r"localhost:(3001|9901|5005\d|910\d)|\.janna/")
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,10 @@ class Operator:
         code = code.replace("localhost:9901", f"127.0.0.1:{stack.edge_admin_port}")
         for name, port in DEFAULT_PORTS.items():
             code = code.replace(f"localhost:{port}", f"127.0.0.1:{stack.ports[name]}")
+        for name, port in DEFAULT_METRICS_PORTS.items():
+            code = code.replace(
+                f"localhost:{port}", f"127.0.0.1:{stack.metrics_ports[name]}"
+            )
         code = code.replace(".janna/stack.env", str(self.env_file))
         code = code.replace(".janna/logs/", f"{stack.settings.logs}/")
         code = code.replace("USER_ID", USER)

@@ -1,8 +1,8 @@
 """Retrieval when one user owns almost every chunk, and the runbook's SQL.
 
-A scratch database on the stack's Postgres holds 20,000 chunks of one user
-and 20 of another, with random 384-dimension embeddings made by Postgres
-itself (the worker is not needed for rows). The HNSW index is built after
+A scratch database on the stack's Postgres holds 20,000 chunks of one user,
+2,000 of another and 20 of a third, with random 384-dimension embeddings made
+by Postgres itself (the worker is not needed for rows). The HNSW index is built after
 the rows are in, and with a smaller graph (m = 8, ef_construction = 32)
 than the migration's defaults: 7 s instead of 26 s on a busy 2-core
 machine (inserting rows one by one into the default index takes 2 min).
@@ -12,6 +12,7 @@ working around it, does not depend on the graph's size.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -34,8 +35,8 @@ from services.rag.config import RetrievalConfig
 from services.runtime.db import migrate
 from tests.documents.helpers import DIMENSION, metadata
 
-WHALE, MINNOW = "whale", "minnow"
-WHALE_CHUNKS, MINNOW_CHUNKS = 20_000, 20
+WHALE, MINNOW, SHRIMP = "whale", "minnow", "shrimp"
+WHALE_CHUNKS, MINNOW_CHUNKS, SHRIMP_CHUNKS = 20_000, 20, 2_000
 CONFIG = RetrievalConfig(exact_max_rows=10_000, ef_search_max=1000, embed_timeout_s=10)
 
 
@@ -83,6 +84,7 @@ async def crowded(database_url: str) -> AsyncIterator[str]:
             await conn.execute("DROP INDEX document_chunks_embedding_idx")
             await _fill(conn, WHALE, WHALE_CHUNKS)
             await _fill(conn, MINNOW, MINNOW_CHUNKS)
+            await _fill(conn, SHRIMP, SHRIMP_CHUNKS)
             await conn.execute("SET maintenance_work_mem = '256MB'")
             await conn.execute(
                 "CREATE INDEX document_chunks_embedding_idx "
@@ -139,6 +141,20 @@ async def test_big_user_goes_through_the_index(conn: asyncpg.Connection) -> None
     assert plan.ef_search >= 40
     assert len(hits) == 10
     assert all(h.content.startswith(f"{WHALE} chunk") for h in hits)
+
+
+async def test_a_small_share_raises_ef_search_and_the_index_fills_the_limit(
+    conn: asyncpg.Connection,
+) -> None:
+    # 2,000 of 22,020 chunks, with the exact path kept for under 1,000: the
+    # index is asked for about 2 x 20 of the shrimp's rows among 441.
+    config = dataclasses.replace(CONFIG, exact_max_rows=1_000)
+    hits, plan = await search.search(conn, SHRIMP, random_vector(), 20, None, config)
+    assert plan.path == "hnsw", "the index found too few; the exact path answered"
+    assert plan.ef_search > 40 * 10
+    assert len(hits) == 20
+    assert all(h.content.startswith(f"{SHRIMP} chunk") for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 async def test_a_restriction_to_attachments_still_fills_the_limit(

@@ -12,6 +12,7 @@ from services.gateway.config import ModelRef
 from services.gateway.gemma import StopTrimmer, build_prompt
 from services.gateway.provider import Message
 from services.proto.janna.v1 import gateway_pb2
+from services.runtime.meshhealth import warming_models
 from tests.gateway.conftest import StartGateway
 from tests.gateway.fakes import wait_for
 from tests.gateway.helpers import ask, collect, kinds, reason, text_of
@@ -50,12 +51,15 @@ async def test_embedded_model_warms_up_then_streams_real_tokens(
         "gemma-3-270m",
         "warming",
     )
+    # /health names what is warming beside the gateway's state.
+    assert "embedded:gemma-3-270m" in await warming_models(running.channel)
     events, error = await collect(running.stub.Generate(ask()))
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert reason(error) == "MODEL_WARMING"
 
     await asyncio.wait_for(embedded.ready.wait(), 300)
+    assert "embedded:gemma-3-270m" not in await warming_models(running.channel)
     assert (model_cache / "gemma-3-270m" / "model.safetensors").is_file()
 
     events, error = await collect(

@@ -25,6 +25,30 @@ async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+async def test_a_failed_turn_counts_as_an_error_in_both_windows(
+    client: httpx.AsyncClient,
+) -> None:
+    # The windows are whole minutes: a minute that slides out between the two
+    # readings would change the sums, so such a pair is measured again.
+    for _ in range(3):
+        minute = int(time.time() // 60)
+        before = (await admin_view(client))["chat"]
+        # The fake model cuts this answer after three tokens.
+        reply = await client.post(
+            "/api/chat/stream",
+            json={"message": "please midstream-fail now"},
+            headers=bearer(new_user()),
+        )
+        assert reply.status_code == 200
+        assert '"type":"error"' in reply.text
+        after = (await admin_view(client))["chat"]
+        if int(time.time() // 60) == minute:
+            break
+    for window in ("last5Minutes", "lastHour"):
+        assert after[window]["errors"] == before[window]["errors"] + 1, window
+        assert after[window]["turns"] == before[window]["turns"] + 1, window
+
+
 async def test_the_view_gathers_every_section(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:

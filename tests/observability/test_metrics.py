@@ -47,8 +47,12 @@ SERVICE_FAMILIES = {
         "janna_chat_rate_limited_total",
         "janna_chat_time_to_first_token_seconds",
     ),
-    "rag": (),
-    "ingest": (),
+    "rag": ("janna_rag_search_duration_seconds", "janna_rag_search_results"),
+    "ingest": (
+        "janna_ingest_queue_depth",
+        "janna_ingest_queue_in_flight",
+        "janna_ingest_attachments",
+    ),
 }
 
 
@@ -103,6 +107,25 @@ async def test_every_service_serves_process_rpc_and_its_own_metrics(
         *SERVICE_FAMILIES[name],
     ):
         assert f"# TYPE {family} " in text, family
+
+
+async def test_a_search_moves_the_retrieval_figures(
+    stack: Stack, client: httpx.AsyncClient
+) -> None:
+    before = await service_metrics(stack, "rag")
+    reply = await client.post(
+        "/api/rag/search", json={"query": "anything at all"}, headers=bearer(new_user())
+    )
+    assert reply.status_code == 200, reply.text
+    after = await service_metrics(stack, "rag")
+    for name in (
+        "janna_rag_search_duration_seconds_count",
+        "janna_rag_search_results_count",
+    ):
+        assert after.total(name) == before.total(name) + 1, name
+    assert after.total("janna_rag_search_results_sum") == before.total(
+        "janna_rag_search_results_sum"
+    )
 
 
 async def test_a_turn_moves_the_chat_and_gateway_figures(

@@ -21,6 +21,7 @@ from devstack.stack import ROOT, Stack
 from services.proto.janna.v1 import mesh_pb2, mesh_pb2_grpc
 from services.runtime import channels, logs
 from services.runtime.server import AccessLog
+from tests.documents.helpers import upload_direct, wait_status
 from tests.observability.helpers import bearer, new_user
 
 
@@ -59,11 +60,19 @@ async def wait_for_lines(
 async def test_a_turn_with_retrieval_is_one_id_in_every_log_it_touched(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
+    # A document of the user's, so that the search embeds the question.
+    user = new_user()
+    uploaded = await upload_direct(
+        client, user, "notes.txt", "text/plain", b"The amber gate opens at noon."
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    ready = await wait_status(client, user, uploaded.json()["id"])
+    assert ready["status"] == "ready", ready
     async with client.stream(
         "POST",
         "/api/chat/stream",
         json={"message": "what do my documents say?", "ragEnabled": True},
-        headers=bearer(new_user()),
+        headers=bearer(user),
     ) as reply:
         assert reply.status_code == 200
         body = [line async for line in reply.aiter_lines()]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13janna/v1/mesh.proto\x12\x08janna.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11MeshHealthRequest\".\n\x0cServiceState\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"Z\n\x10MeshHealthReport\x12\x0e\n\x06status\x18\x01 \x01(\t\x12(\n\x08services\x18\x02 \x03(\x0b\x32\x16.janna.v1.ServiceState\x12\x0c\n\x04\x64own\x18\x03 \x03(\t2n\n\nMeshHealth\x12`\n\x05\x43heck\x12\x1b.janna.v1.MeshHealthRequest\x1a\x1a.janna.v1.MeshHealthReport\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x07/healthZ\r\x12\x0b/api/healthb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13janna/v1/mesh.proto\x12\x08janna.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11MeshHealthRequest\">\n\x0cServiceState\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"Z\n\x10MeshHealthReport\x12\x0e\n\x06status\x18\x01 \x01(\t\x12(\n\x08services\x18\x02 \x03(\x0b\x32\x16.janna.v1.ServiceState\x12\x0c\n\x04\x64own\x18\x03 \x03(\t2n\n\nMeshHealth\x12`\n\x05\x43heck\x12\x1b.janna.v1.MeshHealthRequest\x1a\x1a.janna.v1.MeshHealthReport\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x07/healthZ\r\x12\x0b/api/healthb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESHHEALTHREQUEST']._serialized_start=63
   _globals['_MESHHEALTHREQUEST']._serialized_end=82
   _globals['_SERVICESTATE']._serialized_start=84
-  _globals['_SERVICESTATE']._serialized_end=130
-  _globals['_MESHHEALTHREPORT']._serialized_start=132
-  _globals['_MESHHEALTHREPORT']._serialized_end=222
-  _globals['_MESHHEALTH']._serialized_start=224
-  _globals['_MESHHEALTH']._serialized_end=334
+  _globals['_SERVICESTATE']._serialized_end=146
+  _globals['_MESHHEALTHREPORT']._serialized_start=148
+  _globals['_MESHHEALTHREPORT']._serialized_end=238
+  _globals['_MESHHEALTH']._serialized_start=240
+  _globals['_MESHHEALTH']._serialized_end=350
 # @@protoc_insertion_point(module_scope)

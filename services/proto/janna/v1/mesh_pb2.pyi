@@ -12,12 +12,14 @@ class MeshHealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceState(_message.Message):
-    __slots__ = ("service", "state")
+    __slots__ = ("service", "state", "detail")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     service: str
     state: str
-    def __init__(self, service: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, service: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class MeshHealthReport(_message.Message):
     __slots__ = ("status", "services", "down")
