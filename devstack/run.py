@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from devstack.stack import ROOT, Stack, StackError, StackSettings
-from services.runtime.config import DEFAULT_PORTS
+from services.runtime.config import DEFAULT_PORTS, ConfigError, Env
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,17 @@ def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def ports(environ: Mapping[str, str]) -> dict[str, int]:
+def ports(env: Env) -> dict[str, int]:
     """The edge's and services' ports: JANNA_EDGE_PORT, JANNA_CHAT_PORT, ...
     when exported, else the usual ones."""
     found = {
-        "edge": int(environ.get("JANNA_EDGE_PORT", "3001")),
-        "edge_admin": int(environ.get("JANNA_EDGE_ADMIN_PORT", "9901")),
+        "edge": env.integer("JANNA_EDGE_PORT", StackSettings.edge_port),
+        "edge_admin": env.integer(
+            "JANNA_EDGE_ADMIN_PORT", StackSettings.edge_admin_port
+        ),
     }
     for name, port in DEFAULT_PORTS.items():
-        found[name] = int(environ.get(f"JANNA_{name.upper()}_PORT", str(port)))
+        found[name] = env.integer(f"JANNA_{name.upper()}_PORT", port)
     return found
 
 
@@ -108,9 +110,9 @@ def main() -> int:
     # The stores take their usual ports when they are free, so that the
     # runbook's `redis-cli` and `psql` lines work without flags.
     try:
-        chosen = ports(os.environ)
-    except ValueError:
-        print("cannot start: a JANNA_*_PORT is not a number", file=sys.stderr)
+        chosen = ports(Env(os.environ))
+    except ConfigError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
         return 1
     settings = StackSettings(
         root=DATA_ROOT,

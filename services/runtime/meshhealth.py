@@ -51,12 +51,6 @@ class MeshHealthServicer(mesh_pb2_grpc.MeshHealthServicer):
             self._channels[peer] = channel
         return channel
 
-    async def _detail(self, peer: str) -> str:
-        if peer != "gateway":
-            return ""
-        found = await warming_models(self._channel(peer))
-        return f"warming: {', '.join(found)}" if found else ""
-
     async def _state(self, peer: str) -> str:
         if peer == self._config.name:
             return "SERVING"
@@ -73,6 +67,15 @@ class MeshHealthServicer(mesh_pb2_grpc.MeshHealthServicer):
             return "UNREACHABLE"
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
+    async def _service(self, peer: str) -> mesh_pb2.ServiceState:
+        state = await self._state(peer)
+        detail = ""
+        # Only a gateway that answers is asked what it is still loading.
+        if peer == "gateway" and state == "SERVING":
+            found = await warming_models(self._channel(peer))
+            detail = f"warming: {', '.join(found)}" if found else ""
+        return mesh_pb2.ServiceState(service=peer, state=state, detail=detail)
+
     async def Check(
         self,
         request: mesh_pb2.MeshHealthRequest,
@@ -80,17 +83,10 @@ class MeshHealthServicer(mesh_pb2_grpc.MeshHealthServicer):
             mesh_pb2.MeshHealthRequest, mesh_pb2.MeshHealthReport
         ],
     ) -> mesh_pb2.MeshHealthReport:
-        peers = list(self._config.peers)
-        states, details = await asyncio.gather(
-            asyncio.gather(*(self._state(p) for p in peers)),
-            asyncio.gather(*(self._detail(p) for p in peers)),
-        )
+        services = await asyncio.gather(*(self._service(p) for p in self._config.peers))
         report = mesh_pb2.MeshHealthReport(
-            services=[
-                mesh_pb2.ServiceState(service=p, state=s, detail=d)
-                for p, s, d in zip(peers, states, details, strict=True)
-            ],
-            down=[p for p, s in zip(peers, states, strict=True) if s != "SERVING"],
+            services=services,
+            down=[s.service for s in services if s.state != "SERVING"],
         )
         if report.down:
             report.status = "degraded"

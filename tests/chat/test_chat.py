@@ -467,8 +467,8 @@ async def test_redis_down_fails_closed(
     """A chat service whose Redis is gone refuses turns with 429, never admits them."""
     import grpc
 
+    from devstack.infra import free_port as _free_port
     from services.proto.janna.v1 import chat_pb2, chat_pb2_grpc
-    from tests.test_mesh import _free_port
 
     port = _free_port()
     env = {

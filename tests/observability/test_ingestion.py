@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest_asyncio
 
+from devstack.infra import free_port as _free_port
 from devstack.stack import Stack
 from services.proto.janna.v1 import gateway_pb2_grpc
 from services.runtime.scrape import Scraped
@@ -32,7 +33,6 @@ from tests.documents.helpers import (
 from tests.documents.makers import markdown_document
 from tests.observability.helpers import admin_view, metrics_of, service_metrics
 from tests.observability.test_request_id import wait_for_lines
-from tests.test_mesh import _free_port
 
 
 @pytest_asyncio.fixture

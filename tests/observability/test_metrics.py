@@ -19,6 +19,7 @@ import redis.asyncio as redis
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from devstack.infra import free_port as _free_port
 from devstack.stack import ROOT, Stack
 from services.chat.window import KEY_PREFIX
 from services.edge.config import RATE_LIMIT_DOMAIN
@@ -32,7 +33,6 @@ from tests.observability.helpers import (
     new_user,
     service_metrics,
 )
-from tests.test_mesh import _free_port
 
 SERVICE_FAMILIES = {
     "auth": (
