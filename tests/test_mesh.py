@@ -287,3 +287,16 @@ def test_make_run_serves_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         ]
         time.sleep(0.2)
     assert not alive, alive
+
+
+def test_make_run_refuses_a_port_that_is_not_a_number(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "devstack"],
+        env={**os.environ, "JANNA_STACK_DIR": str(tmp_path), "JANNA_CHAT_PORT": "x"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot start: JANNA_CHAT_PORT must be an integer" in result.stderr
